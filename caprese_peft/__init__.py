@@ -1,0 +1,34 @@
+"""Caprese for PEFT: sparse feed-forward decoding with a distilled low-rank correction.
+
+``import caprese_peft`` registers the "CAPRESE" PEFT type, so ``peft.get_peft_model``,
+``PeftModel.from_pretrained`` and ``PeftConfig.from_pretrained`` accept Caprese adapters.
+"""
+
+from .accounting import ParameterReport, parameter_report
+from .backbones import Backbone, available_backbones, register_backbone
+from .config import CapreseConfig
+from .layer import CapreseLayer
+from .loading import load_gguf_model, load_smollm2, smollm2_gguf_path
+from .model import CapreseModel
+from .registration import CAPRESE, register
+from .state import teacher_forcing
+
+register(CapreseConfig, CapreseModel)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CAPRESE",
+    "Backbone",
+    "CapreseConfig",
+    "CapreseLayer",
+    "CapreseModel",
+    "ParameterReport",
+    "available_backbones",
+    "load_gguf_model",
+    "load_smollm2",
+    "parameter_report",
+    "register_backbone",
+    "smollm2_gguf_path",
+    "teacher_forcing",
+]

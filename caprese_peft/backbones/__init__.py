@@ -1,0 +1,16 @@
+"""Sparse feed-forward backbones, as pure-torch references."""
+
+from .base import Backbone, available_backbones, get_backbone, register_backbone
+from .cats import Cats, CatsStats
+from .griffin import Griffin, GriffinStats
+
+__all__ = [
+    "Backbone",
+    "Cats",
+    "CatsStats",
+    "Griffin",
+    "GriffinStats",
+    "available_backbones",
+    "get_backbone",
+    "register_backbone",
+]

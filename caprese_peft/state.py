@@ -1,0 +1,167 @@
+"""Tells each forward pass apart: prompt (prefill), one generated token (decode), or teacher forcing.
+
+A forward pre-hook on the wrapped transformers model reads the generation state (the KV cache
+and the attention mask it is called with) and publishes a ``Step`` that every Caprese layer reads.
+The decision never rests on ``seq_len > 1``: a forward is a prefill when the cache holds no
+tokens yet and a decode step when it does.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+# transformers 5.x calls the KV cache argument `cache`; earlier releases call it `past_key_values`
+_CACHE_KWARGS = ("cache", "past_key_values")
+
+
+class Phase(enum.Enum):
+    PREFILL = "prefill"  # dense FF on every token; backbone statistics from the real prompt tokens
+    DECODE = "decode"  # sparse FF + low-rank correction, statistics from the last prefill
+    TEACHER_FORCED = "teacher_forced"  # prompt tokens as prefill, the rest as decode, in one pass
+
+
+@dataclass
+class Step:
+    phase: Phase
+    token_mask: torch.Tensor  # (batch, seq) bool: prompt tokens that feed the statistics
+    sparse_mask: torch.Tensor | None = None  # (batch, seq) bool: tokens run sparse (teacher forcing)
+    generation: int = 0  # counts prefills, so a decode step never reads statistics of another prompt
+
+
+def _cache_length(cache: Any) -> int:
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:
+        return int(cache[0][0].shape[-2])  # legacy tuple of (key, value) per layer
+    raise TypeError(f"Caprese cannot read the length of a KV cache of type {type(cache).__name__}.")
+
+
+class GenerationState:
+    """The step of the forward pass in flight, shared by the Caprese layers of one model."""
+
+    def __init__(self) -> None:
+        self.step: Step | None = None
+        self.generation = 0
+        self.batch_size: int | None = None
+        self._forced: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def attach(self, model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+        """Install the hooks that set ``step`` around each forward of ``model``."""
+        return [
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            model.register_forward_hook(self._after_forward, always_call=True),
+        ]
+
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        if tokens is None:
+            raise ValueError("Caprese needs `input_ids` or `inputs_embeds` to tell prompt tokens from generated ones.")
+        batch, seq = tokens.shape[:2]
+        device = tokens.device
+
+        if self._forced is not None:
+            self.step = self._teacher_forced_step(batch, seq)
+            return
+
+        cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
+        past = _cache_length(cache)
+        if past == 0:
+            self.generation += 1
+            self.batch_size = batch
+            self.step = Step(Phase.PREFILL, self._prompt_mask(kwargs.get("attention_mask"), batch, seq, device),
+                             generation=self.generation)  # fmt: skip
+            return
+        if seq != 1:
+            raise NotImplementedError(
+                f"Caprese decodes one generated token per forward, but got {seq} new tokens on top of a KV cache of "
+                f"{past}. Assisted or speculative decoding and continuing from a pre-filled cache are not supported; "
+                "generate from the full prompt with an empty cache instead."
+            )
+        if batch != self.batch_size:
+            raise ValueError(
+                f"Decode step with batch size {batch}, but the last prompt had batch size {self.batch_size}: "
+                "Caprese keeps backbone statistics per sequence of the prompt batch."
+            )
+        self.step = Step(Phase.DECODE, torch.ones(batch, seq, dtype=torch.bool, device=device),
+                         generation=self.generation)  # fmt: skip
+
+    def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.step = None
+
+    @staticmethod
+    def _prompt_mask(attention_mask: torch.Tensor | None, batch: int, seq: int, device) -> torch.Tensor:
+        if attention_mask is None:
+            return torch.ones(batch, seq, dtype=torch.bool, device=device)
+        if attention_mask.dim() != 2:
+            raise ValueError(
+                f"Caprese needs a 2D (batch, seq) attention mask during prefill to keep padding out of the backbone "
+                f"statistics, got shape {tuple(attention_mask.shape)}."
+            )
+        return attention_mask[:, -seq:].to(device=device, dtype=torch.bool)
+
+    def _teacher_forced_step(self, batch: int, seq: int) -> Step:
+        prompt_mask, sparse_mask = self._forced
+        if prompt_mask.shape != (batch, seq):
+            raise ValueError(
+                f"teacher_forcing got a prompt mask of shape {tuple(prompt_mask.shape)} for inputs of shape "
+                f"{(batch, seq)}."
+            )
+        return Step(Phase.TEACHER_FORCED, prompt_mask, sparse_mask=sparse_mask)
+
+    @contextmanager
+    def forced(self, prompt_mask: torch.Tensor, sparse_mask: torch.Tensor) -> Iterator[None]:
+        previous = self._forced
+        self._forced = (prompt_mask, sparse_mask)
+        try:
+            yield
+        finally:
+            self._forced = previous
+
+
+def find_state(model: nn.Module) -> GenerationState:
+    """The ``GenerationState`` of a PEFT model, its ``CapreseModel``, or the base model it wraps."""
+    for module in (model, getattr(model, "base_model", None)):
+        state = getattr(module, "caprese_state", None)
+        if isinstance(state, GenerationState):
+            return state
+    raise ValueError(f"{type(model).__name__} carries no Caprese adapter; wrap it with get_peft_model first.")
+
+
+@contextmanager
+def teacher_forcing(
+    model: nn.Module, prompt_mask: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> Iterator[None]:
+    """Run forwards of ``model`` as if the non-prompt tokens had been generated one by one.
+
+    Tokens where ``prompt_mask`` is True run the dense FF and give the backbone statistics; the
+    other tokens (where ``attention_mask`` is 1) run the sparse FF plus the low-rank correction,
+    exactly as during ``generate``. Used for distillation and teacher-forced evaluation.
+
+    Args:
+        model: a PEFT model with a Caprese adapter.
+        prompt_mask: ``(batch, seq)``, True on the prompt tokens of each row (padding excluded).
+        attention_mask: ``(batch, seq)``, 1 on real tokens; default all ones.
+    """
+    prompt_mask = prompt_mask.bool()
+    sparse_mask = ~prompt_mask
+    if attention_mask is not None:
+        if attention_mask.shape != prompt_mask.shape:
+            raise ValueError(
+                f"attention_mask {tuple(attention_mask.shape)} and prompt_mask {tuple(prompt_mask.shape)} differ."
+            )
+        sparse_mask &= attention_mask.bool()
+        if bool((prompt_mask & ~attention_mask.bool()).any()):
+            raise ValueError("prompt_mask marks padding tokens (attention_mask == 0) as prompt tokens.")
+    with find_state(model).forced(prompt_mask, sparse_mask):
+        yield

@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny random decoders of every supported architecture, built from configs."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+import caprese_peft  # noqa: F401  (registers the CAPRESE PEFT type)
+
+VOCAB = 96
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=48,
+    intermediate_size=90,  # not a multiple of anything convenient: exercises rounding of density * d_ff
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+ARCHITECTURES = {
+    "llama": (LlamaConfig, {}),
+    "mistral": (MistralConfig, {"sliding_window": None}),
+    "qwen2": (Qwen2Config, {}),
+    "qwen3": (Qwen3Config, {"head_dim": 12}),
+    "gemma2": (Gemma2Config, {"head_dim": 12, "query_pre_attn_scalar": 12, "sliding_window": 16}),
+    "gemma3": (Gemma3TextConfig, {"head_dim": 12, "query_pre_attn_scalar": 12, "sliding_window": 16}),
+}
+
+
+def tiny_model(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A small random causal LM of ``arch`` in fp32 eval mode, with logits sharp enough for stable greedy tests."""
+    config_cls, extra = ARCHITECTURES[arch]
+    config = config_cls(**{**_COMMON, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.25)  # larger than the 0.02 default, so that sparsity visibly changes outputs
+    model.generation_config.pad_token_id = 0
+    model.generation_config.do_sample = False
+    return model.eval()
+
+
+@pytest.fixture(params=sorted(ARCHITECTURES))
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def base_pair(arch):
+    """A tiny model and an untouched deep copy of it, to compare against after wrapping."""
+    model = tiny_model(arch)
+    # frozen like the wrapped base: requires_grad alone changes transformers' prefill numerics in the last bit
+    return model, copy.deepcopy(model).requires_grad_(False)
+
+
+def random_prompts(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``(input_ids, attention_mask)`` of random prompts with the given lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = torch.randint(3, VOCAB, (n,), generator=gen)
+        mask[row, width - n :] = 1
+    return ids, mask
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
