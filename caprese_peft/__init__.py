@@ -11,7 +11,7 @@ from .layer import CapreseLayer
 from .loading import load_gguf_model, load_smollm2, smollm2_gguf_path
 from .model import CapreseModel
 from .registration import CAPRESE, register
-from .state import teacher_forcing
+from .state import layerwise_losses, teacher_forcing
 
 register(CapreseConfig, CapreseModel)
 
@@ -26,6 +26,7 @@ __all__ = [
     "ParameterReport",
     "available_backbones",
     "load_gguf_model",
+    "layerwise_losses",
     "load_smollm2",
     "parameter_report",
     "register_backbone",

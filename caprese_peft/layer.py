@@ -132,9 +132,17 @@ class CapreseLayer(nn.Module, BaseTunerLayer):
             z = z * backbone.keep_mask(gate, self._stats)
             return mlp.down_proj(z) + self.low_rank(x, adapter)
 
-        # teacher forcing: dense on prompt tokens, sparse + low rank on the others, in one pass
         sparse = step.sparse_mask.unsqueeze(-1)  # (B, S, 1)
         keep = backbone.keep_mask(gate, backbone.calibrate(gate, z, step.token_mask))
+        if step.phase is Phase.LAYERWISE:
+            # equation 7: the block learns FF(x) - FF_sparse(x) on the original model's inputs
+            dense = mlp.down_proj(z)
+            student = mlp.down_proj(z * keep) + self.low_rank(x, adapter)
+            error = (student - dense.detach()).float().square().mean(dim=-1)  # (B, S)
+            step.losses.append((error * step.sparse_mask).sum() / step.sparse_mask.sum().clamp_min(1))
+            return dense
+
+        # teacher forcing: dense on prompt tokens, sparse + low rank on the others, in one pass
         z = torch.where(sparse & ~keep, torch.zeros_like(z), z)
         return mlp.down_proj(z) + self.low_rank(x, adapter) * sparse
 

@@ -25,6 +25,7 @@ class Phase(enum.Enum):
     PREFILL = "prefill"  # dense FF on every token; backbone statistics from the real prompt tokens
     DECODE = "decode"  # sparse FF + low-rank correction, statistics from the last prefill
     TEACHER_FORCED = "teacher_forced"  # prompt tokens as prefill, the rest as decode, in one pass
+    LAYERWISE = "layerwise"  # dense outputs everywhere; each layer scores its sparse + low-rank output locally
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Step:
     token_mask: torch.Tensor  # (batch, seq) bool: prompt tokens that feed the statistics
     sparse_mask: torch.Tensor | None = None  # (batch, seq) bool: tokens run sparse (teacher forcing)
     generation: int = 0  # counts prefills, so a decode step never reads statistics of another prompt
+    losses: list | None = None  # LAYERWISE: each Caprese layer appends its MSE here
 
 
 def _cache_length(cache: Any) -> int:
@@ -111,18 +113,19 @@ class GenerationState:
         return attention_mask[:, -seq:].to(device=device, dtype=torch.bool)
 
     def _teacher_forced_step(self, batch: int, seq: int) -> Step:
-        prompt_mask, sparse_mask = self._forced
+        phase, prompt_mask, sparse_mask, losses = self._forced
         if prompt_mask.shape != (batch, seq):
             raise ValueError(
-                f"teacher_forcing got a prompt mask of shape {tuple(prompt_mask.shape)} for inputs of shape "
-                f"{(batch, seq)}."
+                f"Got a prompt mask of shape {tuple(prompt_mask.shape)} for inputs of shape {(batch, seq)}."
             )
-        return Step(Phase.TEACHER_FORCED, prompt_mask, sparse_mask=sparse_mask)
+        return Step(phase, prompt_mask, sparse_mask=sparse_mask, losses=losses)
 
     @contextmanager
-    def forced(self, prompt_mask: torch.Tensor, sparse_mask: torch.Tensor) -> Iterator[None]:
+    def forced(
+        self, phase: Phase, prompt_mask: torch.Tensor, sparse_mask: torch.Tensor, losses: list | None = None
+    ) -> Iterator[None]:
         previous = self._forced
-        self._forced = (prompt_mask, sparse_mask)
+        self._forced = (phase, prompt_mask, sparse_mask, losses)
         try:
             yield
         finally:
@@ -136,6 +139,21 @@ def find_state(model: nn.Module) -> GenerationState:
         if isinstance(state, GenerationState):
             return state
     raise ValueError(f"{type(model).__name__} carries no Caprese adapter; wrap it with get_peft_model first.")
+
+
+def _split_masks(prompt_mask: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool ``(prompt_mask, sparse_mask)``: the sparse tokens are the real tokens outside the prompt."""
+    prompt_mask = prompt_mask.bool()
+    sparse_mask = ~prompt_mask
+    if attention_mask is not None:
+        if attention_mask.shape != prompt_mask.shape:
+            raise ValueError(
+                f"attention_mask {tuple(attention_mask.shape)} and prompt_mask {tuple(prompt_mask.shape)} differ."
+            )
+        sparse_mask &= attention_mask.bool()
+        if bool((prompt_mask & ~attention_mask.bool()).any()):
+            raise ValueError("prompt_mask marks padding tokens (attention_mask == 0) as prompt tokens.")
+    return prompt_mask, sparse_mask
 
 
 @contextmanager
@@ -153,15 +171,23 @@ def teacher_forcing(
         prompt_mask: ``(batch, seq)``, True on the prompt tokens of each row (padding excluded).
         attention_mask: ``(batch, seq)``, 1 on real tokens; default all ones.
     """
-    prompt_mask = prompt_mask.bool()
-    sparse_mask = ~prompt_mask
-    if attention_mask is not None:
-        if attention_mask.shape != prompt_mask.shape:
-            raise ValueError(
-                f"attention_mask {tuple(attention_mask.shape)} and prompt_mask {tuple(prompt_mask.shape)} differ."
-            )
-        sparse_mask &= attention_mask.bool()
-        if bool((prompt_mask & ~attention_mask.bool()).any()):
-            raise ValueError("prompt_mask marks padding tokens (attention_mask == 0) as prompt tokens.")
-    with find_state(model).forced(prompt_mask, sparse_mask):
+    prompt_mask, sparse_mask = _split_masks(prompt_mask, attention_mask)
+    with find_state(model).forced(Phase.TEACHER_FORCED, prompt_mask, sparse_mask):
         yield
+
+
+@contextmanager
+def layerwise_losses(
+    model: nn.Module, prompt_mask: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> Iterator[list[torch.Tensor]]:
+    """Run forwards of ``model`` densely while every Caprese layer scores itself (paper equation 7).
+
+    Each layer sees the input ``x`` the original model gives it, computes backbone statistics from
+    the prompt tokens, and appends to the yielded list the mean over the other (real) tokens of
+    ``mean_d (FF(x) - FF_sparse(x) - x L R)^2``; it passes the dense output on, so all layers
+    train in parallel from one forward pass. Sum the list for the layer-wise loss.
+    """
+    prompt_mask, sparse_mask = _split_masks(prompt_mask, attention_mask)
+    losses: list[torch.Tensor] = []
+    with find_state(model).forced(Phase.LAYERWISE, prompt_mask, sparse_mask, losses):
+        yield losses

@@ -9,7 +9,7 @@ import torch
 from conftest import random_prompts, tiny_model
 from peft import PeftConfig, PeftModel, get_peft_model
 
-from caprese_peft import CapreseConfig, CapreseLayer, teacher_forcing
+from caprese_peft import CapreseConfig, CapreseLayer, layerwise_losses, teacher_forcing
 
 CASES = {
     "cats": dict(backbone="cats", density=0.5, r=8),
@@ -243,3 +243,22 @@ def test_bf16_dtype_follows_base(arch):
     ids, mask = random_prompts([5, 3])
     sequences, _ = greedy(peft_model, ids, mask, n=3)
     assert sequences.shape == (2, ids.shape[1] + 3)
+
+
+def test_layerwise_pass_is_dense_and_scores_every_layer(base_pair, case):
+    model, reference = base_pair
+    peft_model = wrap(model, **case)
+    ids, mask = random_prompts([8, 5])
+    sequence = torch.cat([ids, torch.randint(3, 90, (2, 4))], dim=1)
+    full_mask = torch.cat([mask, torch.ones(2, 4, dtype=mask.dtype)], dim=1)
+    prompt_mask = torch.zeros_like(full_mask, dtype=torch.bool)
+    prompt_mask[:, : ids.shape[1]] = mask.bool()
+    with layerwise_losses(peft_model, prompt_mask, full_mask) as losses:
+        logits = peft_model(input_ids=sequence, attention_mask=full_mask).logits
+    with torch.no_grad():
+        torch.testing.assert_close(logits, reference(sequence, attention_mask=full_mask).logits)
+    assert len(losses) == len(factors_of(peft_model))
+    assert all(loss.dim() == 0 and loss > 0 for loss in losses)
+    torch.stack(losses).sum().backward()
+    grads = [p.grad for p in peft_model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
