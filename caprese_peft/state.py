@@ -57,11 +57,12 @@ class GenerationState:
         self._forced: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def attach(self, model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
-        """Install the hooks that set ``step`` around each forward of ``model``."""
-        return [
-            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-            model.register_forward_hook(self._after_forward, always_call=True),
-        ]
+        """Install the hook that sets ``step`` before each forward of ``model``.
+
+        The step outlives the forward on purpose: activation checkpointing recomputes the layers
+        during backward, and they must see the step they ran with.
+        """
+        return [model.register_forward_pre_hook(self._before_forward, with_kwargs=True)]
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         tokens = kwargs.get("input_ids", args[0] if args else None)
@@ -97,9 +98,6 @@ class GenerationState:
             )
         self.step = Step(Phase.DECODE, torch.ones(batch, seq, dtype=torch.bool, device=device),
                          generation=self.generation)  # fmt: skip
-
-    def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.step = None
 
     @staticmethod
     def _prompt_mask(attention_mask: torch.Tensor | None, batch: int, seq: int, device) -> torch.Tensor:

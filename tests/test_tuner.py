@@ -262,3 +262,24 @@ def test_layerwise_pass_is_dense_and_scores_every_layer(base_pair, case):
     torch.stack(losses).sum().backward()
     grads = [p.grad for p in peft_model.parameters() if p.requires_grad]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "gemma3"])
+def test_activation_checkpointing_gives_the_same_gradients(arch_name):
+    def grads(checkpointing: bool) -> dict:
+        peft_model = wrap(tiny_model(arch_name), backbone="cats", r=4)
+        if checkpointing:
+            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model.train()
+        ids, mask = random_prompts([7, 5])
+        prompt_mask = mask.bool().clone()
+        prompt_mask[:, -3:] = False
+        with teacher_forcing(peft_model, prompt_mask, mask):
+            loss = peft_model(input_ids=ids, attention_mask=mask).logits.square().mean()
+        loss.backward()
+        return {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
