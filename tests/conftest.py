@@ -5,10 +5,14 @@ from __future__ import annotations
 import copy
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
-
-import pytest
 import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+if not torch.cuda.is_available():
+    # Triton kernels run in its interpreter on a CPU; it must be set before anything imports triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,

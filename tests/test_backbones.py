@@ -9,6 +9,7 @@ from peft import get_peft_model
 
 from caprese_peft import Backbone, CapreseConfig, available_backbones, register_backbone
 from caprese_peft.backbones import Cats, Griffin
+from caprese_peft.backbones import base as backbone_base
 from caprese_peft.backbones.griffin import griffin_scores
 
 
@@ -69,7 +70,9 @@ def test_a_sequence_without_prompt_tokens_is_refused():
         Cats(0.5).calibrate(_random(2, 3, 8), _random(2, 3, 8), torch.tensor([[1, 1, 1], [0, 0, 0]]).bool())
 
 
-def test_a_custom_backbone_plugs_in():
+def test_a_custom_backbone_plugs_in(monkeypatch):
+    monkeypatch.setattr(backbone_base, "_REGISTRY", dict(backbone_base._REGISTRY))  # keep the registration local
+
     @register_backbone
     class FirstNeurons(Backbone):
         """Keeps a fixed prefix of neurons, whatever the prompt."""

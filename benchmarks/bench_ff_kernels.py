@@ -1,0 +1,226 @@
+"""Decode-time cost of one FF block: dense cuBLAS vs CATS (torch reference) vs Caprese(CATS) (Triton op).
+
+For the FF shapes of Llama-3.1-8B (D=4096, F=14336) and Qwen2.5-14B (D=5120, F=13824) with random bf16
+weights, at batch 1/4/8 (one token per sequence) and densities 0.3-0.7, prints for each variant the median
+time (``triton.testing.do_bench``, which flushes L2 between runs), the bandwidth achieved on the bytes the
+variant must read, and that bandwidth as a fraction of a measured device-to-device copy. Writes one CSV to
+``benchmarks/results/`` with the GPU name, torch and triton versions and the git commit.
+
+    python benchmarks/bench_ff_kernels.py [--rank 256] [--batches 1 4 8] [--densities 0.3 0.5 0.7]
+
+Variants: ``dense`` the unmodified block; ``cats_torch`` ``cats_merged_ff`` (reads every weight, as the
+torch decode branch does); ``cats_triton`` the op with no low-rank neurons (plain CATS); ``caprese_triton``
+the op with the rank-r correction appended as always-active neurons. A Triton variant must read the whole
+gate matrix plus the up and down rows of every neuron that at least one sequence of the batch keeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a checkout that is not pip-installed
+    sys.path.insert(0, str(ROOT))
+
+from caprese_peft.merged import cats_merged_ff  # noqa: E402
+
+try:
+    import triton
+    from triton.testing import do_bench
+
+    from kernels import MAX_BATCH, CatsFFWeights, cats_ff, prepare_cats_weights
+except ImportError as error:  # reported by main(), after the GPU check
+    IMPORT_ERROR: ImportError | None = error
+else:
+    IMPORT_ERROR = None
+
+RESULTS = ROOT / "benchmarks" / "results"
+MODELS = {"llama-3.1-8b": (4096, 14336), "qwen2.5-14b": (5120, 13824)}  # (hidden D, intermediate F)
+BF16_BYTES = 2
+QUANTILES = [0.5, 0.2, 0.8]
+# the op accumulates in fp32, cats_merged_ff in bf16; beyond this the kernel is wrong, not imprecise
+MAX_RELATIVE_ERROR = 2e-2
+
+
+def git_commit() -> str:
+    """Short commit of the working tree, with ``-dirty`` when it has uncommitted changes."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
+        return commit + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def copy_bandwidth_gbps(gib: float = 1.0) -> float:
+    """GB/s of a large device-to-device copy, counting bytes read and written: the practical ceiling."""
+    n = int(gib * 2**30) // BF16_BYTES
+    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = do_bench(partial(dst.copy_, src), warmup=25, rep=200)
+    return 2 * n * BF16_BYTES / (ms * 1e-3) / 1e9
+
+
+def thresholds_for_density(gate_abs: torch.Tensor, density: float) -> torch.Tensor:
+    """Per row of ``|act(x Wg^T)| (B, F)``, the value a ``density`` fraction of neurons exceeds; ``(B,)`` fp32."""
+    return torch.quantile(gate_abs.float(), 1.0 - density, dim=-1)
+
+
+def dense_ff(x: torch.Tensor, gate_w: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor) -> torch.Tensor:
+    """The unmodified gated MLP block, three cuBLAS GEMVs."""
+    return F.linear(F.silu(F.linear(x, gate_w)) * F.linear(x, up_w), down_w)
+
+
+def cats_torch(x: torch.Tensor, threshold: torch.Tensor, weights: CatsFFWeights) -> torch.Tensor:
+    """``cats_merged_ff`` on one token per sequence: ``(B, D) -> (B, 1, D)``."""
+    return cats_merged_ff(x[:, None], *weights.reference_args(), threshold.view(-1, 1, 1), F.silu)
+
+
+def bench_model(
+    model: str, args: argparse.Namespace, meta: dict, copy_gbps: float, device: str = "cuda"
+) -> list[dict]:
+    """Rows of the CSV for one model's FF shape; raises RuntimeError if the op disagrees with its reference."""
+    hidden, ff = MODELS[model]
+    rank = args.rank
+
+    def randn(*shape: int, scale: float) -> torch.Tensor:
+        return torch.randn(*shape, device=device, dtype=torch.bfloat16) * scale
+
+    gate_w, up_w = randn(ff, hidden, scale=hidden**-0.5), randn(ff, hidden, scale=hidden**-0.5)
+    down_w = randn(hidden, ff, scale=ff**-0.5)
+    left, right = randn(hidden, rank, scale=hidden**-0.5), randn(rank, hidden, scale=rank**-0.5)
+    caprese_w = prepare_cats_weights(gate_w, up_w, down_w, left, right)
+    cats_w = prepare_cats_weights(gate_w, up_w, down_w, left[:, :0], right[:0])  # r = 0: CATS alone
+    matrix_bytes = ff * hidden * BF16_BYTES
+    rows = []
+    for batch in args.batches:
+        x = randn(batch, hidden, scale=1.0)
+        io_bytes = 2 * batch * hidden * BF16_BYTES
+        dense_ms = do_bench(partial(dense_ff, x, gate_w, up_w, down_w), quantiles=QUANTILES)
+        gate_abs = F.silu(F.linear(x, gate_w)).float().abs()  # (B, F)
+        for density in args.densities:
+            threshold = thresholds_for_density(gate_abs, density)  # (B,)
+            union = int((gate_abs > threshold[:, None]).any(dim=0).sum())  # neurons whose rows the op reads
+            reference = cats_torch(x, threshold, caprese_w)[:, 0].float()
+            got = cats_ff(x, caprese_w, threshold, "silu", use_kernels=True).float()
+            error = ((got - reference).norm() / reference.norm()).item()
+            if error > MAX_RELATIVE_ERROR:
+                raise RuntimeError(
+                    f"the Triton op disagrees with cats_merged_ff ({model}, B={batch}, density={density}): relative "
+                    f"error {error:.3g} > {MAX_RELATIVE_ERROR}; not timing a wrong kernel."
+                )
+            variants = {  # name: (call, bytes of weights it must read, rank)
+                "dense": (None, 3 * matrix_bytes, 0),
+                "cats_torch": (partial(cats_torch, x, threshold, caprese_w), 3 * matrix_bytes + 2 * hidden * rank * BF16_BYTES, rank),
+                "cats_triton": (partial(cats_ff, x, cats_w, threshold, "silu", use_kernels=True), matrix_bytes + 2 * union * hidden * BF16_BYTES, 0),
+                "caprese_triton": (partial(cats_ff, x, caprese_w, threshold, "silu", use_kernels=True), matrix_bytes + 2 * (union + rank) * hidden * BF16_BYTES, rank),
+            }  # fmt: skip
+            for variant, (fn, weight_bytes, variant_rank) in variants.items():
+                ms, ms_p20, ms_p80 = dense_ms if fn is None else do_bench(fn, quantiles=QUANTILES)
+                nbytes = weight_bytes + io_bytes
+                gbps = nbytes / (ms * 1e-3) / 1e9
+                rows.append(
+                    {
+                        **meta,
+                        "model": model,
+                        "hidden": hidden,
+                        "intermediate": ff,
+                        "rank": variant_rank,
+                        "batch": batch,
+                        "density": density,
+                        "union_density": round(union / ff, 4),
+                        "variant": variant,
+                        "ms_median": round(ms, 5),
+                        "ms_p20": round(ms_p20, 5),
+                        "ms_p80": round(ms_p80, 5),
+                        "bytes_read": nbytes,
+                        "gb_per_s": round(gbps, 1),
+                        "copy_gb_per_s": round(copy_gbps, 1),
+                        "fraction_of_copy_bw": round(gbps / copy_gbps, 3),
+                        "speedup_vs_dense": round(dense_ms[0] / ms, 3),
+                        "op_rel_error_vs_reference": round(error, 5),
+                    }
+                )
+                print(
+                    f"{model:<14}{batch:>3}{density:>6.2f}{union / ff:>7.2f}  {variant:<16}{ms:>9.4f}"
+                    f"{gbps:>8.0f}{gbps / copy_gbps:>9.2f}{dense_ms[0] / ms:>9.2f}x"
+                )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 8])
+    parser.add_argument("--densities", nargs="+", type=float, default=[0.3, 0.4, 0.5, 0.6, 0.7])
+    parser.add_argument("--rank", type=int, default=256, help="rank r of the low-rank correction (config default)")
+    parser.add_argument("--output", type=Path, default=None, help="CSV path (default: benchmarks/results/...)")
+    args = parser.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print(
+            "bench_ff_kernels.py times CUDA kernels, but torch.cuda.is_available() is False on this machine "
+            f"(torch {torch.__version__}). Run it on a machine with an NVIDIA GPU.",
+            file=sys.stderr,
+        )
+        return 2
+    if IMPORT_ERROR is not None:
+        print(f"bench_ff_kernels.py needs triton and the kernels package: {IMPORT_ERROR}", file=sys.stderr)
+        return 2
+    if any(not 1 <= b <= MAX_BATCH for b in args.batches):
+        parser.error(f"--batches must lie in 1..{MAX_BATCH} (one decode token per sequence), got {args.batches}")
+    if any(not 0.0 < d <= 1.0 for d in args.densities) or args.rank < 1:
+        parser.error(f"--densities must lie in (0, 1] and --rank be >= 1, got {args.densities} and {args.rank}")
+
+    torch.manual_seed(0)
+    gpu = torch.cuda.get_device_name()
+    meta = {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "commit": git_commit(),
+    }
+    copy_gbps = copy_bandwidth_gbps()
+    print(f"{gpu}  torch {meta['torch']}  triton {meta['triton']}  commit {meta['commit']}")
+    print(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)")
+    print("the first Triton call of each shape and batch autotunes; that takes a while\n")
+    print(
+        f"{'model':<14}{'B':>3}{'dens':>6}{'union':>7}  {'variant':<16}{'ms':>9}{'GB/s':>8}{'of copy':>9}{'vs dense':>10}"
+    )
+
+    rows = []
+    for model in args.models:
+        try:
+            rows += bench_model(model, args, meta, copy_gbps)
+        except RuntimeError as error:
+            print(error, file=sys.stderr)
+            return 1
+        torch.cuda.empty_cache()
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in gpu.lower()).strip("-")
+    output = args.output or RESULTS / f"ff_kernels_{slug}_{time.strftime('%Y%m%d-%H%M%S')}.csv"
+    with output.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"\nwrote {len(rows)} rows to {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

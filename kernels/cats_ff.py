@@ -1,0 +1,438 @@
+"""Fused CATS + low-rank feed-forward for decode tokens, as a thresholded GEMV that skips inactive neurons.
+
+Torch reference: ``caprese_peft.merged.cats_merged_ff``. The low-rank factors are appended to the FF weights
+as ``r`` always-active neurons (``up = [W1; L^T]``, ``down_t = [W2^T; R]``, both ``(F + r, D)`` and
+neuron-major), so one kernel pair serves the sparse block and the correction. Three steps per call:
+
+1. ``gate = x @ Wg^T`` in torch: every neuron needs it, so it is a dense GEMV cuBLAS already does well;
+2. ``_cats_up_kernel``: activation, threshold and the up GEMV, reading only the ``up`` rows of neurons
+   active for at least one sequence of the batch; writes ``z (B, F + r)`` in fp32, zero where inactive;
+3. ``_cats_down_kernel``: a split-K GEMV over neurons that reads only the ``down_t`` rows where ``z`` is
+   nonzero, accumulating ``(B, D)`` in fp32 with atomic adds.
+
+Layers, as in Liger-Kernel: the jit kernels, the host wrapper ``cats_ff_triton``, the ``torch.library``
+custom op ``caprese::cats_ff`` (traceable by ``torch.compile``), and the dispatcher ``cats_ff``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from caprese_peft.merged import cats_merged_ff, check_ff_weights
+
+MAX_BATCH = 8  # one token per sequence; the (batch, neurons, hidden) register tile grows with the batch
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh")}
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# read once, as triton.jit does when it decorates the kernels below
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# a GPU thread holds the fp32 product tile (BLOCK_B, BLOCK_N, BLOCK_D); more than this per thread spills
+_TILE_ELEMENTS_PER_THREAD = 64
+
+
+def _configs(gpu: list[triton.Config], interpret: triton.Config) -> list[triton.Config]:
+    # the interpreter runs every config it is given: one small config keeps CPU tests fast
+    return [interpret] if INTERPRET else gpu
+
+
+def gpu_up_configs() -> list[triton.Config]:
+    """Autotune candidates of ``_cats_up_kernel`` on a GPU."""
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=nw)
+        for bn in (16, 32, 64)
+        for bd in (64, 128, 256)
+        for nw in (4, 8)
+    ]
+
+
+def gpu_down_configs() -> list[triton.Config]:
+    """Autotune candidates of ``_cats_down_kernel`` on a GPU."""
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_D": bd, "SPLIT_N": split}, num_warps=nw)
+        for bn in (16, 32, 64)
+        for bd in (64, 128, 256)
+        for split in (4, 8, 16)
+        for nw in (4,)  # the tile per program is small: more warps only cut registers per thread
+    ]
+
+
+def prune_by_registers(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop configs whose fp32 product tile would spill registers at this batch; never returns an empty list."""
+    block_b = kwargs.get("BLOCK_B", named_args.get("BLOCK_B", MAX_BATCH))
+
+    def elements_per_thread(config: triton.Config) -> float:
+        return block_b * config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_D"] / (32 * config.num_warps)
+
+    fitting = [c for c in configs if elements_per_thread(c) <= _TILE_ELEMENTS_PER_THREAD]
+    return fitting or [min(configs, key=elements_per_thread)]
+
+
+@triton.autotune(
+    configs=_configs(gpu_up_configs(), triton.Config({"BLOCK_N": 32, "BLOCK_D": 32}, num_warps=4)),
+    key=["hidden", "n_neurons", "BLOCK_B"],
+    prune_configs_by={"early_config_prune": prune_by_registers},
+)
+@triton.jit
+def _cats_up_kernel(
+    GATE,  # (B, F) gate pre-activation x @ Wg^T, input dtype
+    X,  # (B, D) input dtype
+    UP,  # (F + r, D) W1 rows, then L^T rows; contiguous
+    THRESHOLD,  # (B,) fp32
+    Z,  # (B, F + r) fp32 output
+    n_rows,
+    hidden,
+    ff_size,
+    n_neurons,
+    stride_gate,
+    stride_x,
+    stride_z,
+    ACTIVATION: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``z = act(gate) * (|act(gate)| > threshold) * (x @ UP^T)`` for BLOCK_N neurons; gate 1 for the last r.
+
+    Part of the fused op whose torch reference is ``caprese_peft.merged.cats_merged_ff``.
+    """
+    rows = tl.arange(0, BLOCK_B)
+    row_ok = rows < n_rows
+    neurons = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    is_ff = neurons < ff_size
+    is_low_rank = (neurons >= ff_size) & (neurons < n_neurons)
+
+    pre = tl.load(
+        GATE + rows[:, None] * stride_gate + neurons[None, :], mask=row_ok[:, None] & is_ff[None, :], other=0.0
+    ).to(tl.float32)  # (BLOCK_B, BLOCK_N)
+    if ACTIVATION == "silu":
+        gate = pre / (1.0 + tl.exp(-pre))
+    else:  # gelu_tanh: 0.5 g (1 + tanh(u)) == g * sigmoid(2u); tanh is only in backend libdevice
+        gate = pre / (1.0 + tl.exp(-1.5957691216057308 * (pre + 0.044715 * pre * pre * pre)))
+    threshold = tl.load(THRESHOLD + rows, mask=row_ok, other=0.0)  # (BLOCK_B,)
+    keep = (tl.abs(gate) > threshold[:, None]) & is_ff[None, :]
+    coef = tl.where(keep, gate, 0.0)
+    coef = tl.where(is_low_rank[None, :], 1.0, coef)
+    coef = tl.where(row_ok[:, None], coef, 0.0)  # (BLOCK_B, BLOCK_N)
+    # a neuron's up row is read once for the whole batch, so it is skipped only if no sequence keeps it
+    active = tl.sum((coef != 0.0).to(tl.int32), axis=0) > 0  # (BLOCK_N,)
+
+    acc = tl.full((BLOCK_B, BLOCK_N), 0.0, tl.float32)
+    for start in range(0, hidden, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        col_ok = cols < hidden
+        x = tl.load(
+            X + rows[:, None] * stride_x + cols[None, :],
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
+            eviction_policy="evict_last",  # every program reads x: keep it in cache
+        ).to(tl.float32)  # (BLOCK_B, BLOCK_D)
+        w = tl.load(
+            UP + neurons[:, None] * hidden + cols[None, :],
+            mask=active[:, None] & col_ok[None, :],  # masked-off rows cost no memory traffic
+            other=0.0,
+            eviction_policy="evict_first",  # each weight is read once
+        ).to(tl.float32)  # (BLOCK_N, BLOCK_D)
+        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    tl.store(
+        Z + rows[:, None] * stride_z + neurons[None, :],
+        acc * coef,
+        mask=row_ok[:, None] & (neurons < n_neurons)[None, :],
+    )
+
+
+@triton.autotune(
+    configs=_configs(gpu_down_configs(), triton.Config({"BLOCK_N": 32, "BLOCK_D": 32, "SPLIT_N": 3}, num_warps=4)),
+    key=["hidden", "n_neurons", "BLOCK_B"],
+    prune_configs_by={"early_config_prune": prune_by_registers},
+    reset_to_zero=["OUT"],  # accumulated with atomics: autotuning runs must each start from zero
+)
+@triton.jit
+def _cats_down_kernel(
+    Z,  # (B, F + r) fp32, zero for inactive neurons
+    DOWN_T,  # (F + r, D) W2^T rows, then R rows; contiguous
+    OUT,  # (B, D) fp32, zero-initialised
+    n_rows,
+    hidden,
+    n_neurons,
+    stride_z,
+    stride_out,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLIT_N: tl.constexpr,
+):
+    """``OUT += z[:, chunk] @ DOWN_T[chunk, cols]`` for one block of outputs and one chunk of neurons.
+
+    Part of the fused op whose torch reference is ``caprese_peft.merged.cats_merged_ff``.
+    """
+    rows = tl.arange(0, BLOCK_B)
+    row_ok = rows < n_rows
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < hidden
+    n_blocks = (n_neurons + BLOCK_N - 1) // BLOCK_N
+    per_split = (n_blocks + SPLIT_N - 1) // SPLIT_N
+    first = tl.program_id(1) * per_split
+    last = tl.minimum(first + per_split, n_blocks)
+
+    acc = tl.full((BLOCK_B, BLOCK_D), 0.0, tl.float32)
+    for block in range(first, last):
+        neurons = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        z = tl.load(
+            Z + rows[:, None] * stride_z + neurons[None, :],
+            mask=row_ok[:, None] & (neurons < n_neurons)[None, :],
+            other=0.0,
+        )  # (BLOCK_B, BLOCK_N)
+        active = tl.sum((z != 0.0).to(tl.int32), axis=0) > 0  # a zero z contributes nothing: skip its row
+        w = tl.load(
+            DOWN_T + neurons[:, None] * hidden + cols[None, :],
+            mask=active[:, None] & col_ok[None, :],
+            other=0.0,
+            eviction_policy="evict_first",
+        ).to(tl.float32)  # (BLOCK_N, BLOCK_D)
+        acc += tl.sum(z[:, :, None] * w[None, :, :], axis=1)
+    tl.atomic_add(OUT + rows[:, None] * stride_out + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@dataclass(frozen=True)
+class CatsFFWeights:
+    """FF weights laid out for the kernel: the ``r`` low-rank neurons follow the ``F`` FF neurons."""
+
+    gate: torch.Tensor  # (F, D): Wg as nn.Linear stores it
+    up: torch.Tensor  # (F + r, D): W1, then L^T
+    down_t: torch.Tensor  # (F + r, D): W2^T, then R
+    intermediate_size: int  # F
+
+    @property
+    def rank(self) -> int:
+        return self.up.shape[0] - self.intermediate_size
+
+    def reference_args(self) -> tuple[torch.Tensor, ...]:
+        """``(Wg, W1, W2, L, R)`` as views of these weights, for ``cats_merged_ff``."""
+        ff = self.intermediate_size
+        return self.gate, self.up[:ff], self.down_t[:ff].T, self.up[ff:].T, self.down_t[ff:]
+
+
+def prepare_cats_weights(
+    gate_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    down_weight: torch.Tensor,
+    low_rank_left: torch.Tensor,
+    low_rank_right: torch.Tensor,
+) -> CatsFFWeights:
+    """Lay out ``Wg (F, D)``, ``W1 (F, D)``, ``W2 (D, F)``, ``L (D, r)``, ``R (r, D)`` for ``cats_ff``.
+
+    Copies W1 and W2 once (do it after training, not per step); the copies can replace the originals.
+    """
+    _, ff_size, _ = check_ff_weights(gate_weight, up_weight, down_weight, low_rank_left, low_rank_right)
+    tensors = (gate_weight, up_weight, down_weight, low_rank_left, low_rank_right)
+    if len({t.dtype for t in tensors}) != 1 or len({t.device for t in tensors}) != 1:
+        found = [(str(t.dtype), str(t.device)) for t in tensors]
+        raise ValueError(f"FF weights and low-rank factors need one dtype and device, got {found}.")
+    with torch.no_grad():
+        up = torch.cat([up_weight, low_rank_left.T]).contiguous()  # (F + r, D)
+        down_t = torch.cat([down_weight.T, low_rank_right]).contiguous()  # (F + r, D)
+        return CatsFFWeights(gate=gate_weight.detach().contiguous(), up=up, down_t=down_t, intermediate_size=ff_size)
+
+
+def _check_op_inputs(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    down_weight_t: torch.Tensor,
+    threshold: torch.Tensor,
+    intermediate_size: int,
+    activation: str,
+) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
+    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_BATCH:
+        raise ValueError(
+            f"x must be (B, D) with one decode token per sequence and 1 <= B <= {MAX_BATCH}, got {tuple(x.shape)}; "
+            "use caprese_peft.merged.cats_merged_ff for longer inputs."
+        )
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"x must be one of {SUPPORTED_DTYPES}, got {x.dtype}.")
+    n_rows, hidden = x.shape
+    n_neurons = up_weight.shape[0]
+    expected = {
+        "gate_weight": (gate_weight, (intermediate_size, hidden)),
+        "up_weight": (up_weight, (n_neurons, hidden)),
+        "down_weight_t": (down_weight_t, (n_neurons, hidden)),
+        "threshold": (threshold, (n_rows,)),
+    }
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} must be {shape} for x {tuple(x.shape)}, got {tuple(tensor.shape)}.")
+        if tensor.device != x.device:
+            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}.")
+    if n_neurons < intermediate_size:
+        raise ValueError(f"up_weight has {n_neurons} rows, fewer than intermediate_size={intermediate_size}.")
+    for name, tensor in (("gate_weight", gate_weight), ("up_weight", up_weight), ("down_weight_t", down_weight_t)):
+        if tensor.dtype != x.dtype:
+            raise ValueError(f"{name} is {tensor.dtype} but x is {x.dtype}; the kernel takes one dtype.")
+        if not tensor.is_contiguous():
+            raise ValueError(f"{name} must be contiguous; build the weights with prepare_cats_weights.")
+    if threshold.dtype != torch.float32:
+        raise ValueError(f"threshold must be float32 (as CatsStats stores it), got {threshold.dtype}.")
+
+
+def cats_ff_triton(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    down_weight_t: torch.Tensor,
+    threshold: torch.Tensor,
+    intermediate_size: int,
+    activation: str,
+) -> torch.Tensor:
+    """Host wrapper of the fused kernels: ``x (B, D) -> (B, D)``, accumulating in fp32.
+
+    Weights as in ``CatsFFWeights``; ``threshold`` is ``(B,)`` fp32. Reference: ``cats_merged_ff``.
+    """
+    _check_op_inputs(x, gate_weight, up_weight, down_weight_t, threshold, intermediate_size, activation)
+    x = x.contiguous()  # (B, D): tiny, unlike the weights
+    threshold = threshold.contiguous()
+    n_rows, hidden = x.shape
+    n_neurons = up_weight.shape[0]
+    block_b = triton.next_power_of_2(n_rows)
+
+    gate = x @ gate_weight.T  # (B, F)
+    z = torch.empty(n_rows, n_neurons, device=x.device, dtype=torch.float32)
+    _cats_up_kernel[lambda meta: (triton.cdiv(n_neurons, meta["BLOCK_N"]),)](
+        gate,
+        x,
+        up_weight,
+        threshold,
+        z,
+        n_rows,
+        hidden,
+        intermediate_size,
+        n_neurons,
+        gate.stride(0),
+        x.stride(0),
+        z.stride(0),
+        ACTIVATION=activation,
+        BLOCK_B=block_b,
+    )
+    out = torch.zeros(n_rows, hidden, device=x.device, dtype=torch.float32)
+    _cats_down_kernel[lambda meta: (triton.cdiv(hidden, meta["BLOCK_D"]), meta["SPLIT_N"])](
+        z,
+        down_weight_t,
+        out,
+        n_rows,
+        hidden,
+        n_neurons,
+        z.stride(0),
+        out.stride(0),
+        BLOCK_B=block_b,
+    )
+    # rounded here, by torch, rather than in the kernel: the interpreter truncates fp32 -> bf16 casts
+    return out.to(x.dtype)
+
+
+@torch.library.custom_op("caprese::cats_ff", mutates_args=())
+def cats_ff_op(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    down_weight_t: torch.Tensor,
+    threshold: torch.Tensor,
+    intermediate_size: int,
+    activation: str,
+) -> torch.Tensor:
+    """``torch.ops.caprese.cats_ff``: ``cats_ff_triton`` as an op ``torch.compile`` can trace."""
+    return cats_ff_triton(x, gate_weight, up_weight, down_weight_t, threshold, intermediate_size, activation)
+
+
+@cats_ff_op.register_fake
+def _cats_ff_fake(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    down_weight_t: torch.Tensor,
+    threshold: torch.Tensor,
+    intermediate_size: int,
+    activation: str,
+) -> torch.Tensor:
+    return torch.empty_like(x)  # (B, D), x's dtype: what torch.compile needs to trace past the op
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def cats_ff(
+    x: torch.Tensor,
+    weights: CatsFFWeights,
+    threshold: torch.Tensor,
+    activation: str = "silu",
+    *,
+    use_kernels: bool | None = None,
+) -> torch.Tensor:
+    """CATS + low rank for decode tokens: the Triton op on CUDA tensors, ``cats_merged_ff`` otherwise.
+
+    ``x`` is ``(B, D)`` or ``(B, T, D)``; ``threshold`` holds one value per sequence (``(B,)`` or ``(B, 1, 1)``).
+    ``use_kernels``: None picks the op for CUDA inputs it supports (one token per sequence, ``B <= 8``) and
+    warns once when a CUDA input falls back; True demands the op (CUDA, or CPU under ``TRITON_INTERPRET=1``)
+    and raises where it cannot run; False always runs the torch reference.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must be (B, D) or (B, T, D), got {tuple(x.shape)}.")
+    batch, hidden = x.shape[0], x.shape[-1]
+    tokens = 1 if x.dim() == 2 else x.shape[1]
+    if threshold.numel() != batch:
+        raise ValueError(f"threshold needs one value per sequence ({batch}), got shape {tuple(threshold.shape)}.")
+    kernel_fits = tokens == 1 and 1 <= batch <= MAX_BATCH and x.dtype in SUPPORTED_DTYPES
+    why_not = f"{batch} sequences x {tokens} tokens of {x.dtype}"
+
+    if use_kernels is None:
+        use_kernels = x.is_cuda and kernel_fits
+        if x.is_cuda and not kernel_fits:
+            _warn_once(
+                f"cats_ff: the Triton kernel takes one token for each of at most {MAX_BATCH} sequences in "
+                f"{[str(d) for d in SUPPORTED_DTYPES]}; running the slower torch reference for {why_not}."
+            )
+    elif use_kernels:
+        if not kernel_fits:
+            raise ValueError(
+                f"use_kernels=True, but the kernel takes one token for each of at most {MAX_BATCH} sequences in "
+                f"{[str(d) for d in SUPPORTED_DTYPES]}, got {why_not}."
+            )
+        if not x.is_cuda and not INTERPRET:
+            raise ValueError(
+                f"use_kernels=True needs CUDA tensors, or TRITON_INTERPRET=1 set before importing kernels; x is on "
+                f"{x.device}."
+            )
+
+    if use_kernels:
+        out = torch.ops.caprese.cats_ff(
+            x.reshape(batch, hidden),
+            weights.gate,
+            weights.up,
+            weights.down_t,
+            threshold.reshape(batch).float(),
+            weights.intermediate_size,
+            activation,
+        )  # (B, D)
+        return out.view(x.shape)
+    out = cats_merged_ff(
+        x.reshape(batch, tokens, hidden),
+        *weights.reference_args(),
+        threshold.reshape(batch, 1, 1).float(),
+        ACTIVATIONS[activation],
+    )  # (B, T, D)
+    return out.view(x.shape)
