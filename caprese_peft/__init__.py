@@ -17,12 +17,26 @@ register(CapreseConfig, CapreseModel)
 
 __version__ = "0.1.0"
 
+_DISTILL_EXPORTS = ("CapreseTrainer", "CapreseTrainingArguments")
+
+
+def __getattr__(name: str):
+    # the trainer imports transformers.Trainer, which imports datasets: load it only when asked for
+    if name in _DISTILL_EXPORTS:
+        from . import distill
+
+        return getattr(distill, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "CAPRESE",
     "Backbone",
     "CapreseConfig",
     "CapreseLayer",
     "CapreseModel",
+    "CapreseTrainer",
+    "CapreseTrainingArguments",
     "ParameterReport",
     "available_backbones",
     "load_gguf_model",

@@ -1,0 +1,49 @@
+"""The two Caprese distillation losses (paper equations 7 and 8) as pure functions of tensors."""
+
+from __future__ import annotations
+
+import torch
+
+
+def layerwise_loss(losses: list[torch.Tensor]) -> torch.Tensor:
+    """Equation 7 summed over layers: the sum of the per-layer MSEs ``layerwise_losses`` collects.
+
+    Summing (not averaging) keeps each layer's gradient independent of how many layers are wrapped,
+    so every layer trains as if alone.
+    """
+    if not losses:
+        raise ValueError(
+            "No Caprese layer reported a layer-wise loss: run the forward inside caprese_peft.layerwise_losses, "
+            "with the adapter enabled and at least one continuation token in the batch."
+        )
+    bad = [i for i, loss in enumerate(losses) if not (isinstance(loss, torch.Tensor) and loss.dim() == 0)]
+    if bad:
+        raise ValueError(f"Layer-wise losses must be scalar tensors; entries {bad} are not.")
+    return torch.stack([loss.float() for loss in losses]).sum()
+
+
+def hidden_state_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Equation 8: MSE between student and teacher hidden states on the tokens where ``mask`` is True.
+
+    The mean over features of the squared error, averaged over all masked tokens of the batch, in fp32.
+
+    Args:
+        student_hidden: ``(batch, seq, hidden)``.
+        teacher_hidden: ``(batch, seq, hidden)``; gets no gradient.
+        mask: ``(batch, seq)`` bool, True on the continuation tokens to score.
+    """
+    if student_hidden.shape != teacher_hidden.shape:
+        raise ValueError(
+            f"Student and teacher hidden states differ in shape: {tuple(student_hidden.shape)} vs "
+            f"{tuple(teacher_hidden.shape)}."
+        )
+    if mask.shape != student_hidden.shape[:-1]:
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)}; expected {tuple(student_hidden.shape[:-1])} (batch, seq)."
+        )
+    mask = mask.bool()
+    if not bool(mask.any()):
+        raise ValueError("mask selects no token: the batch has no continuation token to score.")
+    # select rather than multiply: padded positions may hold non-finite values that must not leak in
+    diff = student_hidden[mask].float() - teacher_hidden[mask].detach().float()  # (tokens, hidden)
+    return diff.square().mean()
