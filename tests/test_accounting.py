@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from caprese_peft import CapreseConfig, parameter_report
+
+from conftest import tiny_model
 
 D, F, LAYERS = 48, 90, 4
 

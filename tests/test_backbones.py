@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_prompts, tiny_model
 from peft import get_peft_model
 
 from caprese_peft import Backbone, CapreseConfig, available_backbones, register_backbone
 from caprese_peft.backbones import Cats, Griffin
 from caprese_peft.backbones import base as backbone_base
 from caprese_peft.backbones.griffin import griffin_scores
+
+from conftest import random_prompts, tiny_model
 
 
 def _random(*shape, seed=0):

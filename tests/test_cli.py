@@ -10,6 +10,7 @@ from peft import PeftModel
 
 from caprese_peft.cli import main
 from caprese_peft.distill.synth import completed_ids, load_problems, user_message
+
 from conftest import tiny_model, tiny_tokenizer
 
 QUESTIONS = ["what is two plus three", "what is three plus two", "what is five plus two", "think what is five"]

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_model, tiny_tokenizer
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import TrainingArguments
 
@@ -22,6 +21,8 @@ from caprese_peft.distill import (
     prepare_dataset,
 )
 from caprese_peft.distill.closed_form import collect_moments, fit_closed_form, reduced_rank_solution
+
+from conftest import VOCAB, tiny_model, tiny_tokenizer
 
 ADAPTER = dict(backbone="cats", density=0.5, r=8)
 # learning rates suited to the tiny random models (the paper's are for billion-parameter models)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_prompts, tiny_model
 from peft import PeftModel, get_peft_model
 from transformers import DynamicCache
 
 from caprese_peft import CapreseConfig, CapreseLayer
+
+from conftest import random_prompts, tiny_model
 
 
 @pytest.mark.parametrize("density", [0, -0.1, 1.5])

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import torch
 import transformers.utils.hub as hf_hub_utils
-from conftest import random_prompts, tiny_model
 from peft import get_peft_model
 
 from caprese_peft import CapreseConfig
+
+from conftest import random_prompts, tiny_model
 
 REPO_ID = "caprese-test/tiny-llama-cats"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -6,7 +6,6 @@ import json
 from importlib.metadata import requires, version
 
 import peft
-from conftest import tiny_model
 from packaging.requirements import Requirement
 from peft import PeftConfig, PeftModelForCausalLM, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
@@ -14,6 +13,8 @@ from peft.utils import PeftType
 
 import caprese_peft
 from caprese_peft import CapreseConfig, CapreseModel
+
+from conftest import tiny_model
 
 
 def test_installed_peft_is_in_the_tested_range():

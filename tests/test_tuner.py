@@ -6,10 +6,11 @@ import copy
 
 import pytest
 import torch
-from conftest import random_prompts, tiny_model
 from peft import PeftConfig, PeftModel, get_peft_model
 
 from caprese_peft import CapreseConfig, CapreseLayer, layerwise_losses, teacher_forcing
+
+from conftest import random_prompts, tiny_model
 
 CASES = {
     "cats": dict(backbone="cats", density=0.5, r=8),
