@@ -113,8 +113,11 @@ def generate_responses(
     *,
     max_new_tokens: int = 256,
     **generate_kwargs: Any,
-) -> list[tuple[str, int]]:
-    """Generate from a batch of chat prompts (left-padded); returns ``(text, n_tokens)`` per prompt."""
+) -> list[tuple[str, list[int]]]:
+    """Generate from a batch of chat prompts (left-padded); returns ``(text, token_ids)`` per prompt.
+
+    The token ids run up to and including the first EOS token.
+    """
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -129,7 +132,8 @@ def generate_responses(
     for row in new:
         ends = (row == tokenizer.eos_token_id).nonzero()
         n_tokens = int(ends[0]) + 1 if len(ends) else len(row)
-        results.append((tokenizer.decode(row[:n_tokens], skip_special_tokens=True).strip(), n_tokens))
+        ids = row[:n_tokens].tolist()
+        results.append((tokenizer.decode(ids, skip_special_tokens=True).strip(), ids))
     return results
 
 
@@ -178,7 +182,7 @@ def synthesize(
                     )
             else:
                 responses = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, **sampling)
-            for problem, prompt, (text, n_tokens) in zip(batch, prompts, responses):
+            for problem, prompt, (text, ids) in zip(batch, prompts, responses):
                 if not text:
                     empty += 1  # nothing to distil from; a resumed run tries it again
                     continue
@@ -186,7 +190,7 @@ def synthesize(
                     "id": problem["id"],
                     "prompt": prompt,
                     "completion": [{"role": "assistant", "content": text}],
-                    "completion_tokens": n_tokens,
+                    "completion_tokens": len(ids),
                 }
                 if "answer" in problem:
                     record["answer"] = problem["answer"]

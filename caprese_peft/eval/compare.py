@@ -1,0 +1,95 @@
+"""Runs that compare a Caprese model with its own dense original: teacher-forced KL and greedy generations."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..state import teacher_forcing
+
+
+def _batches(items: Sequence[Any], size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def continuation_kl(model: nn.Module, dataset: Any, batch_size: int = 4, progress: bool = True) -> dict[str, float]:
+    """Mean per-token KL(dense || Caprese) and both perplexities on the continuation tokens of ``dataset``.
+
+    ``dataset`` holds tokenized prompt-completion records (``input_ids``, ``prompt_mask``), e.g. from
+    ``caprese_peft.distill.data.load_prompt_completion``. The Caprese model runs teacher-forced as it
+    would generate (dense prompt, sparse + low-rank continuation); the dense model is the same PEFT model
+    with its adapter disabled. Every position holding a continuation token counts, predicting the next.
+    """
+    from tqdm.auto import tqdm
+
+    from ..distill.data import CapreseDataCollator, position_ids_from
+    from .metrics import token_kl
+
+    collate = CapreseDataCollator(pad_token_id=0)
+    records = [dataset[i] for i in range(len(dataset))]
+    kl_sum, tokens, scored = 0.0, 0, 0
+    nll = {"dense": 0.0, "model": 0.0}
+    for batch in tqdm(list(_batches(records, batch_size)), desc="Teacher-forced KL", disable=not progress):
+        inputs = collate(batch)
+        ids, mask = inputs["input_ids"].to(model.device), inputs["attention_mask"].to(model.device)
+        prompt_mask = inputs["prompt_mask"].to(model.device)
+        forward = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": position_ids_from(mask),
+            "use_cache": False,
+        }
+        with model.disable_adapter():
+            dense = model(**forward).logits.float()  # (B, S, V)
+        with teacher_forcing(model, prompt_mask, mask):
+            student = model(**forward).logits.float()
+        continuation = mask.bool() & ~prompt_mask  # (B, S)
+        kl_sum += float(token_kl(dense, student, continuation).sum())
+        tokens += int(continuation.sum())
+        # perplexity of the continuation tokens that have a successor inside the sequence
+        targets = continuation[:, 1:]  # position t predicts token t + 1
+        for name, logits in (("dense", dense), ("model", student)):
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+            nll[name] += float((loss * targets).sum())
+        scored += int(targets.sum())
+    if tokens == 0:
+        raise ValueError("The dataset has no continuation tokens to compare on.")
+    return {
+        "kl": kl_sum / tokens,
+        "tokens": tokens,
+        "ppl_dense": math.exp(nll["dense"] / max(1, scored)),
+        "ppl_model": math.exp(nll["model"] / max(1, scored)),
+    }
+
+
+def greedy_generations(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[list[dict[str, str]]],
+    *,
+    dense: bool = False,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[tuple[str, list[int]]]:
+    """Greedy ``(text, token_ids)`` for chat ``prompts``; ``dense=True`` disables the adapter.
+
+    Batches are formed identically for every call, so dense and Caprese runs see the same padding.
+    """
+    from tqdm.auto import tqdm
+
+    from ..distill.synth import generate_responses
+
+    results: list[tuple[str, list[int]]] = []
+    desc = "Greedy (dense)" if dense else "Greedy (Caprese)"
+    for batch in tqdm(list(_batches(prompts, batch_size)), desc=desc, disable=not progress):
+        with model.disable_adapter() if dense else nullcontext():
+            results += generate_responses(model, tokenizer, batch, max_new_tokens=max_new_tokens, do_sample=False)
+    return results
