@@ -107,6 +107,20 @@ def random_prompts(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
+def greedy(model, ids, mask, n: int = 6):
+    """Greedy generation of exactly ``n`` tokens: ``(sequences (B, T), logits (B, n, V))``."""
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

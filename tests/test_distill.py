@@ -22,7 +22,7 @@ from caprese_peft.distill import (
 )
 from caprese_peft.distill.closed_form import collect_moments, fit_closed_form, reduced_rank_solution
 
-from conftest import VOCAB, tiny_model, tiny_tokenizer
+from conftest import VOCAB, greedy, tiny_model, tiny_tokenizer
 
 ADAPTER = dict(backbone="cats", density=0.5, r=8)
 # learning rates suited to the tiny random models (the paper's are for billion-parameter models)
@@ -64,19 +64,6 @@ def base_weights(peft_model) -> dict[str, torch.Tensor]:
 
 def factors(peft_model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in peft_model.named_parameters() if "caprese_" in n}
-
-
-def greedy(model, ids, mask, n=5):
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    return out.sequences, torch.stack(out.logits, dim=1)
 
 
 @pytest.fixture(scope="module")
@@ -386,8 +373,8 @@ def test_trained_adapter_reloads_with_identical_outputs(trained, tmp_path):
             got = loaded(input_ids=batch["input_ids"], attention_mask=mask).logits
     assert torch.equal(got, want)
     ids, prompt_only = batch["input_ids"][:3, :6], torch.ones(3, 6, dtype=torch.long)
-    want_seq, want_logits = greedy(model, ids, prompt_only)
-    got_seq, got_logits = greedy(loaded, ids, prompt_only)
+    want_seq, want_logits = greedy(model, ids, prompt_only, n=5)
+    got_seq, got_logits = greedy(loaded, ids, prompt_only, n=5)
     assert torch.equal(got_seq, want_seq) and torch.equal(got_logits, want_logits)
 
 

@@ -10,7 +10,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 
 from caprese_peft import CapreseConfig, CapreseLayer, layerwise_losses, teacher_forcing
 
-from conftest import random_prompts, tiny_model
+from conftest import greedy, random_prompts, tiny_model
 
 CASES = {
     "cats": dict(backbone="cats", density=0.5, r=8),
@@ -28,19 +28,6 @@ def case(request) -> dict:
 
 def wrap(model, init_weights=False, **options):
     return get_peft_model(model, CapreseConfig(init_weights=init_weights, **options))
-
-
-def greedy(model, ids, mask, n=NEW_TOKENS):
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    return out.sequences, torch.stack(out.logits, dim=1)  # (B, T), (B, n, V)
 
 
 # ---- an independent oracle: recompute the whole sequence without a cache, sparse on non-prompt tokens ----
