@@ -1,4 +1,4 @@
-"""The ``caprese-peft`` command: ``synth`` (distillation data) and ``distill`` (train an adapter)."""
+"""The ``caprese-peft`` command: ``synth`` (distillation data), ``distill`` (train an adapter), ``eval`` (compare)."""
 
 from __future__ import annotations
 
@@ -101,6 +101,48 @@ def _distill(args: argparse.Namespace) -> None:
     print(f"adapter -> {output}  {summary}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from .eval.report import check_density, check_output_dir, evaluate_methods, load_eval_problems, write_report
+    from .loading import load_model
+
+    # everything that can be checked without the model fails here, before the model loads
+    check_output_dir(args.output, args.overwrite)
+    if args.density is not None:
+        check_density(args.density)
+    layers = args.layers if args.layers in (None, "all", "first-half") else _layers(args.layers, 0)
+    problems = load_eval_problems(
+        args.data,
+        split=args.split,
+        dev_size=args.dev_size,
+        limit=args.limit,
+        question_field=args.question_field,
+        instruction=args.instruction or None,
+        hf_split=args.hf_split,
+        hf_config=args.hf_config,
+    )
+    model, tokenizer = load_model(args.model)
+    start = time.perf_counter()
+    results = evaluate_methods(
+        model,
+        tokenizer,
+        problems,
+        adapters=args.adapter,
+        backbone=args.backbone,
+        density=args.density,
+        layers=layers,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        timing_tokens=args.timing_tokens,
+        timing_repeats=args.timing_repeats,
+        info={"model": args.model, "data": str(args.data), "split": args.split},
+    )
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    output = write_report(results, args.output, overwrite=args.overwrite)
+    for name, method in results["methods"].items():
+        print(f"{name}: accuracy {method['accuracy']:.1%}, mean length {method['length']['mean']:.1f} tokens")
+    print(f"report -> {output / 'report.md'} ({results['seconds']:.0f} s)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="caprese-peft", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +183,38 @@ def main(argv: list[str] | None = None) -> None:
     distill.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     distill.add_argument("--seed", type=int, default=0)
     distill.set_defaults(run=_distill)
+
+    evaluate = commands.add_parser("eval", help="compare dense, backbone-only and trained Caprese models side by side")
+    evaluate.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file, or a transformers model")
+    evaluate.add_argument(
+        "--adapter", action="extend", nargs="+", default=[], help="Caprese adapters (folders or Hub ids) to compare"
+    )
+    evaluate.add_argument(
+        "--backbone",
+        help="backbone alone (R = 0); default: cats if --density/--layers or no --adapter is given, "
+        "else each adapter's own backbone",
+    )
+    evaluate.add_argument("--density", type=float, help="density of the backbone alone, in (0, 1] (default 0.5)")
+    evaluate.add_argument("--layers", help="layers of the backbone alone: 'all', 'first-half' or indices like 0,1,2")
+    evaluate.add_argument(
+        "--data",
+        default=DEFAULT_DATA,
+        help="JSONL or HF dataset of question + answer records, or prompt-completion records with an answer (synth)",
+    )
+    evaluate.add_argument("--split", default="dev", choices=["train", "dev", "all"], help="dev = the last --dev-size")
+    evaluate.add_argument("--dev-size", type=int, default=500)
+    evaluate.add_argument("--limit", type=int, help="at most this many problems")
+    evaluate.add_argument("--question-field", help="field holding the problem (default: question, problem or prompt)")
+    evaluate.add_argument("--instruction", default="Please reason step by step.", help="appended to each question")
+    evaluate.add_argument("--hf-split", default="train", help="split of a Hugging Face dataset")
+    evaluate.add_argument("--hf-config", help="configuration of a Hugging Face dataset (e.g. 'main' for gsm8k)")
+    evaluate.add_argument("--output", required=True, help="folder for results.json, report.md and plots")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    evaluate.add_argument("--max-new-tokens", type=int, default=256)
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--timing-tokens", type=int, default=32, help="tokens generated to time TTNT")
+    evaluate.add_argument("--timing-repeats", type=int, default=3, help="timing runs per method (median)")
+    evaluate.set_defaults(run=_eval)
 
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,688 @@
+"""Side-by-side evaluation of dense, backbone-only and trained Caprese models, written as a report folder.
+
+``evaluate_methods`` runs every method on the same math problems (greedy) and collects accuracy,
+response lengths, teacher-forced KL and perplexity, greedy agreement with the dense model, parameter
+counts and measured latency; ``write_report`` writes ``results.json``, ``report.md`` and PNG plots into
+a folder atomically (a temporary folder renamed into place), so a failed run leaves nothing behind.
+
+datasets, matplotlib and math_verify are imported only by the functions that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+# as in caprese_peft.distill.synth, whose package would load the trainer (and datasets) if imported here
+INSTRUCTION = "Please reason step by step."
+DENSE = "dense"
+DEFAULT_BACKBONE = "cats"
+DEFAULT_DENSITY = 0.5
+REPORT_FILES = ("results.json", "report.md", "lengths.png", "scores.png")
+
+
+def _read_records(source: str | os.PathLike, hf_split: str, hf_config: str | None) -> list[dict[str, Any]]:
+    path = Path(source)
+    if path.is_file():
+        records = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number} is not valid JSON: {error.msg}.") from None
+        return records
+    if path.suffix in (".jsonl", ".json") or path.is_absolute() or str(source).startswith("."):
+        raise FileNotFoundError(f"No data file at {path} (expected a JSONL file or a Hugging Face dataset name).")
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(str(source), hf_config, split=hf_split))
+    except FileNotFoundError as error:  # datasets' DatasetNotFoundError among them
+        raise FileNotFoundError(
+            f"{source!r} is neither a local JSONL file nor a Hugging Face dataset that can be found ({error})."
+        ) from error
+    except Exception as error:  # a missing config name, an unknown split, no network, ...
+        raise ValueError(
+            f"Cannot load the Hugging Face dataset {source!r}: {type(error).__name__}: {error}"
+        ) from error
+
+
+def load_eval_problems(
+    source: str | os.PathLike,
+    *,
+    split: str = "dev",
+    dev_size: int = 500,
+    limit: int | None = None,
+    question_field: str | None = None,
+    instruction: str | None = INSTRUCTION,
+    hf_split: str = "train",
+    hf_config: str | None = None,
+) -> list[dict[str, Any]]:
+    """Problems to evaluate on as ``{"id", "prompt", "answer", "completion"?}`` from a JSONL file or a HF dataset.
+
+    Two record layouts are accepted: math problems (a ``question``/``problem`` field, turned into the chat
+    prompt ``question + "\\n" + instruction`` as ``caprese-peft synth`` does) and conversational
+    prompt-completion records (``prompt`` and ``completion`` lists of chat messages, e.g. written by
+    ``caprese-peft synth``), whose completions become the continuations of the teacher-forced KL. Either
+    way every record needs an ``answer`` (or ``solution``) to score accuracy against: a GSM8K solution
+    ending in ``#### n`` or an expression such as ``\\boxed{...}``.
+
+    ``split`` picks records in file order as in ``load_problems``: ``"dev"`` the last ``dev_size``,
+    ``"train"`` the others, ``"all"`` everything; then ``limit`` keeps the first ones.
+    """
+    from ..distill.synth import ANSWER_FIELDS, QUESTION_FIELDS, SPLITS, user_message
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}.")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}.")
+    records = _read_records(source, hf_split, hf_config)
+    if not records:
+        raise ValueError(f"{source} holds no records.")
+    first = records[0]
+    if not isinstance(first, dict):
+        raise ValueError(f"Records of {source} must be JSON objects, got {type(first).__name__}.")
+    paired = "completion" in first and "prompt" in first and question_field is None
+    field = "prompt" if paired else question_field or next((f for f in QUESTION_FIELDS if f in first), None)
+    if field is None or field not in first:
+        wanted = [question_field] if question_field else [*QUESTION_FIELDS, "prompt + completion"]
+        raise ValueError(f"Records of {source} need a question field ({wanted}); found {sorted(first)}.")
+
+    indexed = list(enumerate(records))
+    if split != "all":
+        if not 0 < dev_size < len(records):
+            raise ValueError(
+                f"dev_size must lie in [1, {len(records) - 1}] for the {len(records)} records of {source}, got "
+                f"{dev_size}; or pass split='all' (--split all) to use every record."
+            )
+        indexed = indexed[-dev_size:] if split == "dev" else indexed[:-dev_size]
+    problems = []
+    for index, record in indexed[:limit]:
+        answer_field = next((f for f in ANSWER_FIELDS if record.get(f) is not None), None)
+        if answer_field is None:
+            raise ValueError(
+                f"Record {index} of {source} has no answer to score accuracy against: it needs one of the fields "
+                f"{list(ANSWER_FIELDS)} (a GSM8K solution ending in '#### n', or an expression such as "
+                f"'\\boxed{{...}}'); found fields {sorted(record)}."
+            )
+        problem: dict[str, Any] = {"id": record.get("id", index) if paired else index}
+        if paired:
+            prompt, completion = record["prompt"], record["completion"]
+            if not _is_messages(prompt) or not _is_messages(completion):
+                raise ValueError(
+                    f"Record {index} of {source}: evaluation generates through the chat template, so prompt and "
+                    "completion must be lists of chat messages ({'role': ..., 'content': ...}) as `caprese-peft "
+                    f"synth` writes them; got a {type(prompt).__name__} prompt and a {type(completion).__name__} "
+                    "completion."
+                )
+            problem.update(prompt=list(prompt), completion=list(completion))
+        else:
+            question = record.get(field)
+            if not isinstance(question, str) or not question.strip():
+                raise ValueError(f"Record {index} of {source} has no text in {field!r}.")
+            problem["prompt"] = user_message(question, instruction)
+        problem["answer"] = str(record[answer_field])
+        problems.append(problem)
+    if not problems:
+        raise ValueError(f"split={split!r} (dev_size={dev_size}) selects no record of {source}.")
+    return problems
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def check_density(density: float) -> float:
+    """``density`` as a float, or a ValueError saying that it must lie in (0, 1]."""
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"density must lie in (0, 1] (the fraction of feed-forward neurons kept), got {density!r}.")
+    return float(density)
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """``output_dir`` as a Path; raises when it is a file, or a non-empty folder and ``overwrite`` is False."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"The output {path} is a file; pass a folder.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ValueError(
+            f"The output folder {path} exists and is not empty; choose another folder or pass --overwrite "
+            "(overwrite=True) to replace it."
+        )
+    return path
+
+
+def _resolve_layers(layers: str | Sequence[int] | None, n_layers: int) -> list[int] | None:
+    if layers is None or layers == "all":
+        return None
+    if layers == "first-half":
+        return list(range(n_layers // 2))
+    if isinstance(layers, str):
+        raise ValueError(f"layers takes 'all', 'first-half' or a list of layer indices, got {layers!r}.")
+    return [int(i) for i in layers]
+
+
+def _backbone_label(backbone: str, density: float, layers: list[int] | None, n_layers: int) -> str:
+    label = f"{backbone} {density:g}"
+    if layers is None or sorted(layers) == list(range(n_layers)):
+        return label
+    if sorted(layers) == list(range(n_layers // 2)):
+        return f"{label} first-half"
+    return f"{label} layers {','.join(str(i) for i in layers)}"
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, n = name, 2
+    while candidate in taken:
+        candidate, n = f"{name}-{n}", n + 1
+    taken.add(candidate)
+    return candidate
+
+
+def _adapter_configs(adapters: Sequence[str | os.PathLike]) -> list[tuple[str, Any]]:
+    """``(source, CapreseConfig)`` of each adapter; raises for one that is missing or not a Caprese adapter."""
+    from peft import PeftConfig
+
+    from ..registration import CAPRESE
+
+    configs = []
+    for source in adapters:
+        try:
+            config = PeftConfig.from_pretrained(str(source))
+        except Exception as error:  # PEFT raises ValueError or hub errors for a folder or id it cannot read
+            raise ValueError(f"Cannot read the adapter {str(source)!r}: {error}") from error
+        if config.peft_type != CAPRESE:
+            kind = getattr(config.peft_type, "value", config.peft_type)
+            raise ValueError(f"The adapter {str(source)!r} is a {kind} adapter, not a Caprese one.")
+        configs.append((str(source), config))
+    return configs
+
+
+def _plan_methods(
+    base: nn.Module,
+    adapters: Sequence[str | os.PathLike],
+    backbone: str | None,
+    density: float | None,
+    layers: str | Sequence[int] | None,
+) -> dict[str, dict[str, Any]]:
+    """The methods to compare, by display name: ``kind``, ``source`` (adapter) and ``config``.
+
+    Every backbone and adapter is put on the base model and taken off again here, before any generation,
+    so that one that does not fit the base model (another hidden size, missing layers) fails the run at once.
+    """
+    from ..config import CapreseConfig
+
+    n_layers = base.config.get_text_config().num_hidden_layers
+    loaded = _adapter_configs(adapters)
+    taken = {DENSE}
+    methods: dict[str, dict[str, Any]] = {DENSE: {"kind": DENSE, "source": None, "config": None}}
+
+    def add_backbone(config: CapreseConfig) -> None:
+        label = _backbone_label(config.backbone, config.density, config.layers_to_transform, n_layers)
+        methods[_unique(f"backbone {label}", taken)] = {
+            "kind": "backbone",
+            "source": None,
+            "config": _describe_config(config, rank=False),
+            "peft_config": config,
+        }
+
+    if backbone is not None or density is not None or layers is not None or not loaded:
+        add_backbone(
+            CapreseConfig(
+                backbone=backbone or DEFAULT_BACKBONE,
+                density=check_density(DEFAULT_DENSITY if density is None else density),
+                r=1,  # R = 0: the correction vanishes and the backbone runs alone
+                layers_to_transform=_resolve_layers(layers, n_layers),
+            )
+        )
+    else:  # the backbones of the adapters themselves, each once
+        seen = set()
+        for _, config in loaded:
+            key = (config.backbone, config.density, str(config.layers_to_transform), str(config.target_modules))
+            if key not in seen:
+                seen.add(key)
+                add_backbone(
+                    CapreseConfig(
+                        backbone=config.backbone,
+                        density=config.density,
+                        r=1,
+                        target_modules=config.target_modules,
+                        exclude_modules=config.exclude_modules,
+                        layers_to_transform=config.layers_to_transform,
+                        layers_pattern=config.layers_pattern,
+                    )
+                )
+    for source, config in loaded:
+        name = _unique(Path(source.rstrip("/")).name or source, taken)
+        methods[name] = {"kind": "adapter", "source": source, "config": _describe_config(config)}
+
+    for method in methods.values():
+        with _wrapped(base, method):
+            pass
+    return methods
+
+
+def _describe_config(config: Any, rank: bool = True) -> dict[str, Any]:
+    layers = config.layers_to_transform
+    return {
+        "backbone": config.backbone,
+        "density": config.density,
+        "layers": "all" if layers is None else list(layers),
+        "r": config.r if rank else 0,
+    }
+
+
+@contextmanager
+def _wrapped(base: nn.Module, method: dict[str, Any]):
+    """``base`` as ``method`` runs it: itself for dense, else wrapped with the method's adapter until exit.
+
+    A Caprese model holds one adapter at a time, so each method gets its own short-lived wrapper.
+    """
+    import copy
+
+    from peft import PeftModel, get_peft_model
+
+    if method["kind"] == DENSE:
+        yield base
+        return
+    if method["kind"] == "backbone":
+        # PEFT fills the config in (target modules, sizes): wrap with a copy, keep the plan as it was
+        model = get_peft_model(base, copy.deepcopy(method["peft_config"]))
+    else:
+        try:
+            model = PeftModel.from_pretrained(base, method["source"])
+        except ValueError as error:  # e.g. an adapter made for a base model of another hidden size
+            raise ValueError(f"The adapter {method['source']!r} does not fit the model: {error}") from error
+    try:
+        yield model.eval()
+    finally:
+        model.unload()
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def measure_latency(
+    model: nn.Module, tokenizer: Any, prompt: list[dict[str, str]], *, new_tokens: int = 32, repeats: int = 3
+) -> dict[str, float]:
+    """Time to first token and to each next token (ms) for one chat prompt at batch size 1, as run now.
+
+    TTFT is one forward over the prompt (the prefill); TTNT is ``(time of generate(new_tokens) - TTFT) /
+    (new_tokens - 1)``, the mean decode step. Medians over ``repeats`` runs after one warm-up run.
+    """
+    if new_tokens < 2 or repeats < 1:
+        raise ValueError(f"new_tokens must be >= 2 and repeats >= 1, got {new_tokens} and {repeats}.")
+    device = model.device
+    inputs = tokenizer.apply_chat_template(
+        [prompt], add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
+    ).to(device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def prefill() -> None:
+        model(**inputs, logits_to_keep=1)  # generate's prefill, which needs the last position's logits only
+
+    def generate() -> None:
+        model.generate(
+            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad
+        )
+
+    prefill()  # warm-up: allocations, lazy initialisation
+    generate()
+    ttft = statistics.median(_timed(prefill, device) for _ in range(repeats))
+    total = statistics.median(_timed(generate, device) for _ in range(repeats))
+    return {
+        "ttft_ms": 1e3 * ttft,
+        "ttnt_ms": 1e3 * (total - ttft) / (new_tokens - 1),
+        "prompt_tokens": int(inputs["input_ids"].shape[1]),
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+    }
+
+
+def _continuations(
+    tokenizer: Any, problems: Sequence[dict[str, Any]], dense: Sequence[tuple[str, list[int]]]
+) -> tuple[list[dict[str, list]], str]:
+    """Tokenized teacher-forcing records: the data's completions, else the dense model's greedy responses."""
+    from ..distill.data import features_from_record
+
+    if all("completion" in p for p in problems):
+        features = []
+        for problem in problems:
+            try:
+                features.append(features_from_record(problem, tokenizer))
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"Problem {problem['id']}: {error}") from error
+        return features, "completions in the data"
+    features = []
+    eos = tokenizer.eos_token_id
+    for problem, (_, ids) in zip(problems, dense):
+        ids = ids[:-1] if ids and ids[-1] == eos else ids  # the EOS is never an input while generating
+        if not ids:
+            continue
+        prompt = tokenizer.apply_chat_template(
+            problem["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        prompt = list(prompt)
+        features.append(
+            {
+                "input_ids": prompt + list(ids),
+                "attention_mask": [1] * (len(prompt) + len(ids)),
+                "prompt_mask": [True] * len(prompt) + [False] * len(ids),
+            }
+        )
+    return features, "greedy responses of the dense model"
+
+
+def _param_counts(model: nn.Module, kind: str) -> dict[str, int]:
+    from ..accounting import parameter_report
+
+    if kind == DENSE:
+        total = sum(p.numel() for p in model.parameters())
+        return {"total_params": total, "active_params": total, "adapter_params": 0}
+    report = parameter_report(model)
+    if kind == "backbone":  # R = 0: the correction adds nothing a token needs to read
+        return {
+            "total_params": report.total,
+            "active_params": report.active_per_token - report.adapter,
+            "adapter_params": 0,
+        }
+    return {"total_params": report.total, "active_params": report.active_per_token, "adapter_params": report.adapter}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    threads = torch.get_num_threads()
+    return f"{device.type} ({threads} thread{'' if threads == 1 else 's'})"
+
+
+def _batches(items: Sequence[Any], size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def evaluate_methods(
+    model: nn.Module,
+    tokenizer: Any,
+    problems: Sequence[dict[str, Any]],
+    *,
+    adapters: Sequence[str | os.PathLike] = (),
+    backbone: str | None = None,
+    density: float | None = None,
+    layers: str | Sequence[int] | None = None,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    kl_batch_size: int = 4,
+    timing_tokens: int = 32,
+    timing_repeats: int = 3,
+    progress: bool = True,
+    info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate the dense model, the backbone alone and each adapter on ``problems``; returns the results dict.
+
+    Methods: ``"dense"`` (the adapter disabled); the backbone alone, a fresh Caprese adapter with ``R = 0``
+    built from ``backbone``/``density``/``layers`` (defaults ``cats``/0.5/all when none is given and no
+    adapter is), or else from each adapter's own config; and each adapter (named after its folder).
+
+    For each method: accuracy of its greedy answers (math_verify against ``answer``), response lengths,
+    mean per-token KL(dense || method) and perplexity on teacher-forced continuations (the problems'
+    ``completion`` when they have one, else the dense greedy responses), greedy agreement length with
+    the dense responses, parameters per generated token, and TTFT/TTNT measured at batch size 1.
+
+    Args:
+        model: the base model (not a PEFT model); it is wrapped for the run and unwrapped at the end.
+        tokenizer: its tokenizer, with a chat template.
+        problems: from ``load_eval_problems``: ``{"id", "prompt" (chat messages), "answer", "completion"?}``.
+        adapters: saved Caprese adapters (folders or Hub ids).
+        info: extra entries for the results (e.g. the model and data names).
+    """
+    from tqdm.auto import tqdm
+
+    from .compare import continuation_kl, greedy_generations
+    from .metrics import agreement_lengths, check_answer, length_summary
+
+    for name, value in (
+        ("max_new_tokens", max_new_tokens),
+        ("batch_size", batch_size),
+        ("kl_batch_size", kl_batch_size),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+    if density is not None:
+        check_density(density)
+    if hasattr(model, "peft_config"):
+        raise ValueError("Pass the base model: evaluate_methods adds the Caprese adapters itself.")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("The tokenizer has no chat template; evaluation writes chat prompts through it.")
+    if not problems:
+        raise ValueError("problems is empty: there is nothing to evaluate on.")
+    lacking = [p.get("id", i) for i, p in enumerate(problems) if not p.get("answer") or not p.get("prompt")]
+    if lacking:
+        raise ValueError(f"Problems {lacking[:10]} lack a prompt or an answer (found {sorted(problems[0])}).")
+
+    # a wrapped base is frozen: freeze it for the dense runs too, so every method gets the same numerics
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        methods = _plan_methods(model, adapters, backbone, density, layers)
+        prompts = [p["prompt"] for p in problems]
+        batches = -(-len(prompts) // batch_size)
+        generations: dict[str, list[tuple[str, list[int]]]] = {}
+        continuations: list[dict[str, list]] = []
+        continuation_source = ""
+        with tqdm(total=len(methods) * (batches + 2), desc="Evaluating", unit="step", disable=not progress) as bar:
+            for name, method in methods.items():
+                kind = method["kind"]
+                with _wrapped(model, method) as runner:
+                    bar.set_description(f"{name}: greedy")
+                    outputs: list[tuple[str, list[int]]] = []
+                    for batch in _batches(prompts, batch_size):
+                        outputs += greedy_generations(
+                            runner,
+                            tokenizer,
+                            batch,
+                            max_new_tokens=max_new_tokens,
+                            batch_size=batch_size,
+                            progress=False,
+                        )
+                        bar.update()
+                    generations[name] = outputs
+
+                    bar.set_description(f"{name}: KL")
+                    if kind == DENSE:
+                        continuations, continuation_source = _continuations(tokenizer, problems, outputs)
+                    elif continuations:
+                        method["kl_stats"] = continuation_kl(
+                            runner, continuations, batch_size=kl_batch_size, progress=False
+                        )
+                    bar.update()
+
+                    bar.set_description(f"{name}: timing")
+                    method["latency"] = measure_latency(
+                        runner,
+                        tokenizer,
+                        prompts[0],
+                        new_tokens=max(2, min(timing_tokens, max_new_tokens)),
+                        repeats=timing_repeats,
+                    )
+                    method.update(_param_counts(runner, kind))
+                    bar.update()
+    finally:
+        for parameter, requires_grad in grads:
+            parameter.requires_grad_(requires_grad)
+
+    dense_ids = [ids for _, ids in generations[DENSE]]
+    ppl_dense = next((m["kl_stats"]["ppl_dense"] for m in methods.values() if "kl_stats" in m), None)
+    results_methods = {}
+    for name, method in methods.items():
+        texts = [text for text, _ in generations[name]]
+        ids = [i for _, i in generations[name]]
+        correct = [check_answer(text, p["answer"]) for text, p in zip(texts, problems)]
+        lengths = [len(i) for i in ids]
+        agreement = agreement_lengths(dense_ids, ids)
+        stats = method.pop("kl_stats", None)
+        method.pop("peft_config", None)
+        if method["kind"] == DENSE:
+            kl, ppl = (0.0, ppl_dense) if continuations else (None, None)  # KL(dense || dense) = 0 by definition
+        else:
+            kl, ppl = (stats["kl"], stats["ppl_model"]) if stats else (None, None)
+        results_methods[name] = {
+            **method,
+            "accuracy": sum(correct) / len(correct),
+            "correct": sum(correct),
+            "length": length_summary(lengths),
+            "lengths": lengths,
+            "kl": kl,
+            "perplexity": ppl,
+            "agreement": {
+                "mean": statistics.fmean(agreement),
+                "median": float(statistics.median(agreement)),
+                "full": sum(a == len(r) == len(c) for a, r, c in zip(agreement, dense_ids, ids)) / len(ids),
+            },
+            "samples": [
+                {"id": p["id"], "correct": ok, "length": n, "agreement": a, "response": text}
+                for p, ok, n, a, text in zip(problems, correct, lengths, agreement, texts)
+            ],
+        }
+    device = next(model.parameters()).device
+    return {
+        **(info or {}),
+        "problems": len(problems),
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "kl_on": continuation_source,
+        "kl_tokens": sum(f["prompt_mask"].count(False) for f in continuations),
+        "device": _device_name(device),
+        "torch": torch.__version__,
+        "methods": results_methods,
+    }
+
+
+def _count(n: int) -> str:
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.2f}{suffix}"
+    return str(n)
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def report_markdown(results: dict[str, Any]) -> str:
+    """The ``report.md`` text: a short header, one table row per method, and the plots."""
+    methods = results["methods"]
+    timing = next(iter(methods.values()))["latency"]
+    lines = [
+        "# Caprese evaluation",
+        "",
+        f"Model `{results.get('model', '?')}`, data `{results.get('data', '?')}` "
+        f"({results['problems']} problems{', split ' + results['split'] if results.get('split') else ''}), "
+        f"greedy decoding, at most {results['max_new_tokens']} new tokens, batch size {results['batch_size']}.",
+        f"KL(dense || model) and perplexity are teacher-forced on the {results['kl_on']} "
+        f"({results['kl_tokens']} tokens). Agreement length: leading tokens shared with the dense greedy response.",
+        f"TTFT/TTNT measured on {results['device']} at batch size 1 (prompt of {timing['prompt_tokens']} tokens, "
+        f"{timing['new_tokens']} new tokens, median of {timing['repeats']}).",
+        "",
+        "| method | accuracy | mean response length | KL(dense‖model) | perplexity | agreement length "
+        "| active params / generated token | adapter params | TTFT ms | TTNT ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, m in methods.items():
+        active = f"{_count(m['active_params'])} ({m['active_params'] / m['total_params']:.1%})"
+        lines.append(
+            f"| {name} | {m['accuracy']:.1%} ({m['correct']}/{m['length']['count']}) | {m['length']['mean']:.1f} "
+            f"| {_number(m['kl'], '.4f')} | {_number(m['perplexity'], '.3f')} | {m['agreement']['mean']:.1f} "
+            f"| {active} | {_count(m['adapter_params'])} | {m['latency']['ttft_ms']:.1f} "
+            f"| {m['latency']['ttnt_ms']:.2f} |"
+        )
+    lines += ["", "![Response lengths](lengths.png)", "", "![Accuracy and agreement](scores.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_scores(results: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Two bar charts side by side: accuracy and mean greedy agreement length per method."""
+    from .plots import _figure, _save
+
+    names = list(results["methods"])
+    fig = _figure(width=max(6.0, 1.3 * len(names) + 2), height=3.8)
+    left, right = fig.subplots(1, 2)
+    for ax, values, title in (
+        (left, [m["accuracy"] for m in results["methods"].values()], "accuracy"),
+        (right, [m["agreement"]["mean"] for m in results["methods"].values()], "agreement length (tokens)"),
+    ):
+        bars = ax.bar(range(len(names)), values, color=[f"C{i}" for i in range(len(names))])
+        ax.bar_label(bars, fmt="%.2f" if title == "accuracy" else "%.1f", fontsize=8)
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+        ax.set_title(title)
+    left.set_ylim(0, 1.05)
+    return _save(fig, path)
+
+
+def write_report(results: dict[str, Any], output_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``results.json``, ``report.md``, ``lengths.png`` and ``scores.png`` into ``output_dir``.
+
+    Everything is written into a temporary folder next to ``output_dir`` and renamed into place at the
+    end, so ``output_dir`` is either complete or untouched. A non-empty ``output_dir`` is replaced only
+    with ``overwrite=True``.
+    """
+    from .plots import plot_length_histograms
+
+    output = check_output_dir(output_dir, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        (staging / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        (staging / "report.md").write_text(report_markdown(results))
+        plot_length_histograms({n: m["lengths"] for n, m in results["methods"].items()}, staging / "lengths.png")
+        plot_scores(results, staging / "scores.png")
+        old = None
+        if output.exists():  # an empty folder, or one --overwrite replaces: move it aside until the rename
+            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+            os.replace(output, old / output.name)
+        try:
+            os.replace(staging, output)
+        except BaseException:
+            if old is not None:
+                os.replace(old / output.name, output)
+                old.rmdir()
+            raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return output
+
+
+__all__ = [
+    "check_density",
+    "check_output_dir",
+    "evaluate_methods",
+    "load_eval_problems",
+    "measure_latency",
+    "plot_scores",
+    "report_markdown",
+    "write_report",
+]
