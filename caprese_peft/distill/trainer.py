@@ -82,6 +82,10 @@ class CapreseTrainingArguments(TrainingArguments):
             self.learning_rate = DEFAULT_LEARNING_RATE[self.stage]
         if self.num_train_epochs is None:
             self.num_train_epochs = DEFAULT_EPOCHS[self.stage]
+        if self.ddp_find_unused_parameters is None:
+            # every L and R takes part in every step, and the layer-wise loss is not reachable from the model's
+            # output, so DDP's search for unused parameters would mark them ready twice
+            self.ddp_find_unused_parameters = False
         if self.max_length is not None and (isinstance(self.max_length, bool) or self.max_length < 2):
             raise ValueError(
                 f"max_length must be an integer >= 2 (a prompt and a completion token), got {self.max_length!r}."
