@@ -1,21 +1,27 @@
 """Distillation of Caprese adapters: data, losses (paper equations 7 and 8) and a ``transformers.Trainer``.
 
-Importing this package imports ``transformers.Trainer``; ``datasets`` is imported only when data is loaded.
+Names load lazily: ``caprese_peft.distill.synth`` and ``.data`` stay light, and ``transformers.Trainer``
+(which imports ``datasets``) loads only when the trainer is asked for.
 """
 
-from .closed_form import fit_closed_form
-from .data import CapreseDataCollator, features_from_record, load_prompt_completion, prepare_dataset
-from .losses import hidden_state_mse, layerwise_loss
-from .trainer import CapreseTrainer, CapreseTrainingArguments
+from importlib import import_module
 
-__all__ = [
-    "CapreseDataCollator",
-    "CapreseTrainer",
-    "CapreseTrainingArguments",
-    "features_from_record",
-    "fit_closed_form",
-    "hidden_state_mse",
-    "layerwise_loss",
-    "load_prompt_completion",
-    "prepare_dataset",
-]
+_EXPORTS = {
+    "CapreseDataCollator": ".data",
+    "features_from_record": ".data",
+    "load_prompt_completion": ".data",
+    "prepare_dataset": ".data",
+    "fit_closed_form": ".closed_form",
+    "hidden_state_mse": ".losses",
+    "layerwise_loss": ".losses",
+    "CapreseTrainer": ".trainer",
+    "CapreseTrainingArguments": ".trainer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

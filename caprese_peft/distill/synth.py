@@ -18,6 +18,36 @@ ANSWER_FIELDS = ("answer", "solution")
 SPLITS = ("train", "dev", "all")
 
 
+def read_records(
+    source: str | os.PathLike, hf_split: str = "train", hf_config: str | None = None
+) -> list[dict[str, Any]]:
+    """Records of a local JSONL file, or of a Hugging Face dataset split (``datasets`` is imported only then)."""
+    path = Path(source)
+    if path.is_file():
+        records = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number} is not valid JSON: {error.msg}.") from None
+        return records
+    if path.suffix in (".jsonl", ".json") or path.is_absolute() or str(source).startswith("."):
+        raise FileNotFoundError(f"No data file at {path} (expected a JSONL file or a Hugging Face dataset name).")
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(str(source), hf_config, split=hf_split))
+    except FileNotFoundError as error:  # datasets' DatasetNotFoundError among them
+        raise FileNotFoundError(
+            f"{source!r} is neither a local JSONL file nor a Hugging Face dataset that can be found ({error})."
+        ) from error
+    except Exception as error:  # a missing config name, an unknown split, no network, ...
+        raise ValueError(
+            f"Cannot load the Hugging Face dataset {source!r}: {type(error).__name__}: {error}"
+        ) from error
+
+
 def load_problems(
     source: str | os.PathLike,
     *,
@@ -35,21 +65,7 @@ def load_problems(
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}.")
-    path = Path(source)
-    if path.is_file():
-        records = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number} is not valid JSON: {error.msg}.") from None
-    elif path.suffix in (".jsonl", ".json") or path.is_absolute() or str(source).startswith("."):
-        raise FileNotFoundError(f"No data file at {path}.")
-    else:
-        import datasets
-
-        records = list(datasets.load_dataset(str(source), split=hf_split))
+    records = read_records(source, hf_split)
     if not records:
         raise ValueError(f"{source} holds no records.")
 

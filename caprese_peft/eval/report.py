@@ -24,39 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
-# as in caprese_peft.distill.synth, whose package would load the trainer (and datasets) if imported here
-INSTRUCTION = "Please reason step by step."
+from ..distill.synth import INSTRUCTION, read_records
+
 DENSE = "dense"
 DEFAULT_BACKBONE = "cats"
 DEFAULT_DENSITY = 0.5
 REPORT_FILES = ("results.json", "report.md", "lengths.png", "scores.png")
-
-
-def _read_records(source: str | os.PathLike, hf_split: str, hf_config: str | None) -> list[dict[str, Any]]:
-    path = Path(source)
-    if path.is_file():
-        records = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number} is not valid JSON: {error.msg}.") from None
-        return records
-    if path.suffix in (".jsonl", ".json") or path.is_absolute() or str(source).startswith("."):
-        raise FileNotFoundError(f"No data file at {path} (expected a JSONL file or a Hugging Face dataset name).")
-    import datasets
-
-    try:
-        return list(datasets.load_dataset(str(source), hf_config, split=hf_split))
-    except FileNotFoundError as error:  # datasets' DatasetNotFoundError among them
-        raise FileNotFoundError(
-            f"{source!r} is neither a local JSONL file nor a Hugging Face dataset that can be found ({error})."
-        ) from error
-    except Exception as error:  # a missing config name, an unknown split, no network, ...
-        raise ValueError(
-            f"Cannot load the Hugging Face dataset {source!r}: {type(error).__name__}: {error}"
-        ) from error
 
 
 def load_eval_problems(
@@ -88,7 +61,7 @@ def load_eval_problems(
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}.")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}.")
-    records = _read_records(source, hf_split, hf_config)
+    records = read_records(source, hf_split, hf_config)
     if not records:
         raise ValueError(f"{source} holds no records.")
     first = records[0]
