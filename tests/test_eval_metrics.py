@@ -20,6 +20,7 @@ from caprese_peft.eval import (
     mean_token_kl,
     pass_at_k,
     perplexity,
+    plot_bars,
     plot_coverage,
     plot_density_sweep,
     plot_length_histograms,
@@ -284,3 +285,8 @@ def test_plot_density_sweep_writes_png(tmp_path):
     _assert_png(plot_density_sweep(rows, str(tmp_path / "sweep.png")))
     with pytest.raises(ValueError, match="lack one of the keys"):
         plot_density_sweep([{"density": 0.5}], tmp_path / "bad.png")
+
+
+def test_plot_bars_writes_png(tmp_path):
+    panels = {"accuracy": {"dense": 0.5, "caprese": 0.4}, "agreement": {"dense": 12.0, "caprese": 7.5}}
+    _assert_png(plot_bars(panels, tmp_path / "bars.png", ylims={"accuracy": (0.0, 1.0)}))

@@ -16,7 +16,7 @@ from .metrics import (
     perplexity,
     token_kl,
 )
-from .plots import line_plot, plot_coverage, plot_density_sweep, plot_length_histograms
+from .plots import line_plot, plot_bars, plot_coverage, plot_density_sweep, plot_length_histograms
 from .residual import ff_residual_errors, plot_residual_errors
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "mean_token_kl",
     "pass_at_k",
     "perplexity",
+    "plot_bars",
     "plot_coverage",
     "plot_density_sweep",
     "plot_length_histograms",

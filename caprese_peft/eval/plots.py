@@ -122,3 +122,23 @@ def plot_density_sweep(
         points.setdefault(str(row[group]), []).append((float(row["density"]), float(row[metric])))
     lines = {label: tuple(zip(*sorted(pts))) for label, pts in points.items()}
     return line_plot(lines, path, xlabel="test-time density", ylabel=metric, title=f"{metric} against density")
+
+
+def plot_bars(
+    panels: Mapping[str, Mapping[str, float]],
+    path: str | os.PathLike,
+    *,
+    ylims: Mapping[str, tuple[float, float]] | None = None,
+) -> Path:
+    """One bar chart per panel (title -> {label: value}), side by side; writes a PNG and returns its path."""
+    labels = list(next(iter(panels.values())))
+    fig = _figure(width=max(6.0, 1.3 * len(labels) + 2), height=3.8)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, values) in zip(axes, panels.items()):
+        bars = ax.bar(range(len(values)), list(values.values()), color=[f"C{i}" for i in range(len(values))])
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+        ax.set_xticks(range(len(values)), list(values), rotation=20, ha="right", fontsize=8)
+        ax.set_title(title)
+        if ylims and title in ylims:
+            ax.set_ylim(*ylims[title])
+    return _save(fig, path)

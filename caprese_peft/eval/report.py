@@ -595,22 +595,15 @@ def report_markdown(results: dict[str, Any]) -> str:
 
 
 def plot_scores(results: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Two bar charts side by side: accuracy and mean greedy agreement length per method."""
-    from .plots import _figure, _save
+    """Accuracy and mean greedy agreement length per method, as two bar charts side by side."""
+    from .plots import plot_bars
 
-    names = list(results["methods"])
-    fig = _figure(width=max(6.0, 1.3 * len(names) + 2), height=3.8)
-    left, right = fig.subplots(1, 2)
-    for ax, values, title in (
-        (left, [m["accuracy"] for m in results["methods"].values()], "accuracy"),
-        (right, [m["agreement"]["mean"] for m in results["methods"].values()], "agreement length (tokens)"),
-    ):
-        bars = ax.bar(range(len(names)), values, color=[f"C{i}" for i in range(len(names))])
-        ax.bar_label(bars, fmt="%.2f" if title == "accuracy" else "%.1f", fontsize=8)
-        ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
-        ax.set_title(title)
-    left.set_ylim(0, 1.05)
-    return _save(fig, path)
+    methods = results["methods"]
+    panels = {
+        "accuracy": {name: m["accuracy"] for name, m in methods.items()},
+        "agreement length (tokens)": {name: m["agreement"]["mean"] for name, m in methods.items()},
+    }
+    return plot_bars(panels, path, ylims={"accuracy": (0.0, 1.05)})
 
 
 def write_report(results: dict[str, Any], output_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
