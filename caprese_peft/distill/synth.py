@@ -134,15 +134,19 @@ def generate_responses(
 
     The token ids run up to and including the first EOS token.
     """
+    # left padding (and EOS as pad when there is none) for this call only: the caller's tokenizer stays as it was
+    saved = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    inputs = tokenizer.apply_chat_template(
-        list(prompts), add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
-    ).to(model.device)
-    out = model.generate(
-        **inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **generate_kwargs
-    )
+    try:
+        inputs = tokenizer.apply_chat_template(
+            list(prompts), add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
+        ).to(model.device)
+        pad_token_id = tokenizer.pad_token_id
+    finally:
+        tokenizer.padding_side, tokenizer.pad_token = saved
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, **generate_kwargs)
     new = out[:, inputs["input_ids"].shape[1] :]  # (B, generated)
     results = []
     for row in new:
