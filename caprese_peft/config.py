@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from peft.config import PeftConfig
 from peft.utils import TaskType
 
-from .backbones import available_backbones, get_backbone
+from .backbones import available_backbones, get_backbone, reselection_backbones
 from .registration import CAPRESE
 
 
@@ -80,6 +80,17 @@ class CapreseConfig(PeftConfig):
             )
         },
     )
+    reselect_every: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Reselection (paper appendix E): every this many generated tokens, rerun the tokens generated since the "
+                "last reselection through the dense model (refreshing their KV entries), add their statistics to the "
+                "prompt's and choose the kept neurons again. 1 reproduces the dense model; None never reselects. "
+                "GRIFFIN only: CATS would need the whole prefill again."
+            )
+        },
+    )
     hidden_size: int | None = field(
         default=None,
         metadata={"help": "Hidden size of the base model; filled in when the adapter is created, checked on load."},
@@ -113,6 +124,20 @@ class CapreseConfig(PeftConfig):
         self.density = float(self.density)
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r must be an integer >= 1 (the rank of x @ L @ R), got {self.r!r}.")
+        if self.reselect_every is not None:
+            if (
+                isinstance(self.reselect_every, bool)
+                or not isinstance(self.reselect_every, int)
+                or self.reselect_every < 1
+            ):
+                raise ValueError(
+                    f"reselect_every must be a number of generated tokens >= 1, or None, got {self.reselect_every!r}."
+                )
+            if not get_backbone(self.backbone).supports_reselection():
+                raise ValueError(
+                    f"reselect_every is not available with the {self.backbone!r} backbone; backbones that support "
+                    f"reselection: {reselection_backbones()}."
+                )
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.layers_to_transform, int):

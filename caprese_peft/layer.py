@@ -123,12 +123,20 @@ class CapreseLayer(nn.Module, BaseTunerLayer):
             self._stats_generation = step.generation
             return mlp.down_proj(z)
 
+        if step.phase in (Phase.DECODE, Phase.RESELECT) and (
+            self._stats is None or self._stats_generation != step.generation
+        ):
+            raise RuntimeError(
+                "Decode step without statistics from this prompt: the prefill ran with the Caprese adapter "
+                "disabled or another adapter active. Generate with the same adapter state throughout."
+            )
+
+        if step.phase is Phase.RESELECT:
+            # a new statistics object, so anything derived from the old selection is rebuilt
+            self._stats = backbone.update(self._stats, gate, z, step.token_mask)
+            return mlp.down_proj(z)
+
         if step.phase is Phase.DECODE:
-            if self._stats is None or self._stats_generation != step.generation:
-                raise RuntimeError(
-                    "Decode step without statistics from this prompt: the prefill ran with the Caprese adapter "
-                    "disabled or another adapter active. Generate with the same adapter state throughout."
-                )
             z = z * backbone.keep_mask(gate, self._stats)
             return mlp.down_proj(z) + self.low_rank(x, adapter)
 

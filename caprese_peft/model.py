@@ -45,9 +45,15 @@ class CapreseModel(BaseTuner):
     uses_shared_state = True
 
     def __init__(self, model: nn.Module, config, adapter_name: str = "default", **kwargs) -> None:
-        object.__setattr__(self, "caprese_state", GenerationState())
+        object.__setattr__(self, "caprese_state", GenerationState(reselect_every=self._reselect_every))
         super().__init__(model, config, adapter_name, **kwargs)
         object.__setattr__(self, "_caprese_hooks", self.caprese_state.attach(self.model))
+
+    def _reselect_every(self) -> int | None:
+        """The reselection interval of the adapter generating now; None when no Caprese adapter runs."""
+        layer = next((m for m in self.model.modules() if isinstance(m, CapreseLayer)), None)
+        adapter = layer._active() if layer is not None else None
+        return None if adapter is None else self.peft_config[adapter].reselect_every
 
     def _prepare_adapter_config(self, peft_config: CapreseConfig, model_config: dict) -> CapreseConfig:
         if peft_config.target_modules is None:

@@ -9,7 +9,7 @@ tokens yet and a decode step when it does.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +26,9 @@ class Phase(enum.Enum):
     DECODE = "decode"  # sparse FF + low-rank correction, statistics from the last prefill
     TEACHER_FORCED = "teacher_forced"  # prompt tokens as prefill, the rest as decode, in one pass
     LAYERWISE = "layerwise"  # dense outputs everywhere; each layer scores its sparse + low-rank output locally
+    RESELECT = (
+        "reselect"  # the tokens generated since the last reselection, rerun dense; their statistics join the prompt's
+    )
 
 
 @dataclass
@@ -50,11 +53,14 @@ def _cache_length(cache: Any) -> int:
 class GenerationState:
     """The step of the forward pass in flight, shared by the Caprese layers of one model."""
 
-    def __init__(self) -> None:
+    def __init__(self, reselect_every: Callable[[], int | None] | None = None) -> None:
         self.step: Step | None = None
         self.generation = 0
         self.batch_size: int | None = None
         self._forced: tuple[torch.Tensor, torch.Tensor] | None = None
+        # the reselection interval of the adapter in use (None: never reselect), asked at every decode step
+        self.reselect_every = reselect_every or (lambda: None)
+        self._window: list[torch.Tensor] = []  # (batch, 1) ids decoded sparse since the last prefill or reselection
 
     def attach(self, model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
         """Install the hook that sets ``step`` before each forward of ``model``.
@@ -64,7 +70,7 @@ class GenerationState:
         """
         return [model.register_forward_pre_hook(self._before_forward, with_kwargs=True)]
 
-    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         tokens = kwargs.get("input_ids", args[0] if args else None)
         if tokens is None:
             tokens = kwargs.get("inputs_embeds")
@@ -82,6 +88,7 @@ class GenerationState:
         if past == 0:
             self.generation += 1
             self.batch_size = batch
+            self._window = []
             self.step = Step(Phase.PREFILL, self._prompt_mask(kwargs.get("attention_mask"), batch, seq, device),
                              generation=self.generation)  # fmt: skip
             return
@@ -96,8 +103,52 @@ class GenerationState:
                 f"Decode step with batch size {batch}, but the last prompt had batch size {self.batch_size}: "
                 "Caprese keeps backbone statistics per sequence of the prompt batch."
             )
+        interval = self.reselect_every()
+        if interval is not None:
+            self._window.append(tokens)
+            if len(self._window) >= interval:
+                return self._reselect(cache, past, args, kwargs)
         self.step = Step(Phase.DECODE, torch.ones(batch, seq, dtype=torch.bool, device=device),
                          generation=self.generation)  # fmt: skip
+        return None
+
+    def _reselect(self, cache: Any, past: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Turn this decode step into a dense rerun of every token decoded since the last reselection (appendix E).
+
+        The sparse KV entries of those tokens are dropped from the cache and recomputed densely in this
+        forward, whose last position is the current token: its logits are the dense model's. Every
+        Caprese layer adds the rerun tokens' statistics to the prompt's and reselects its neurons.
+        """
+        positional = kwargs.get("input_ids") is None
+        if positional and not (args and torch.is_tensor(args[0]) and not args[0].is_floating_point()):
+            raise NotImplementedError(
+                "Reselection reruns generated token ids, so it needs `input_ids`, not embeddings."
+            )
+        window = torch.cat(self._window, dim=1)  # (batch, G), the current token last
+        self._window = []
+        rerun = window.shape[1] - 1
+        if rerun:
+            if not hasattr(cache, "crop"):
+                raise TypeError(f"Reselection rewrites KV entries, which a {type(cache).__name__} does not allow.")
+            try:
+                cache.crop(-rerun)  # negative: drop the last `rerun` tokens (every transformers 4.x and 5.x)
+            except (RuntimeError, ValueError) as error:
+                raise RuntimeError(
+                    f"Reselection could not drop the last {rerun} entries of the KV cache ({error}). Sliding-window "
+                    "layers that have filled their window cannot roll back; reselect more often than the window size."
+                ) from error
+            offsets = torch.arange(-rerun, 1, device=window.device)  # (G,)
+            for name in ("position_ids", "cache_position"):
+                value = kwargs.get(name)
+                if value is not None:
+                    kwargs[name] = value[..., -1:] + offsets.to(value.dtype)
+            if positional:
+                args = (window, *args[1:])
+            else:
+                kwargs["input_ids"] = window
+        mask = torch.ones(window.shape, dtype=torch.bool, device=window.device)
+        self.step = Step(Phase.RESELECT, mask, generation=self.generation)
+        return args, kwargs
 
     @staticmethod
     def _prompt_mask(attention_mask: torch.Tensor | None, batch: int, seq: int, device) -> torch.Tensor:

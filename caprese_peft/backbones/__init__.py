@@ -1,6 +1,6 @@
 """Sparse feed-forward backbones, as pure-torch references."""
 
-from .base import Backbone, available_backbones, get_backbone, register_backbone
+from .base import Backbone, available_backbones, get_backbone, register_backbone, reselection_backbones
 from .cats import Cats, CatsStats
 from .griffin import Griffin, GriffinStats
 
@@ -13,4 +13,5 @@ __all__ = [
     "available_backbones",
     "get_backbone",
     "register_backbone",
+    "reselection_backbones",
 ]

@@ -34,6 +34,21 @@ class Backbone(ABC):
     def keep_mask(self, gate: torch.Tensor, stats: Any) -> torch.Tensor:
         """Bool mask of kept neurons for generated tokens, broadcastable to ``gate`` ``(batch, seq, d_ff)``."""
 
+    def update(self, stats: Any, gate: torch.Tensor, z: torch.Tensor, token_mask: torch.Tensor) -> Any:
+        """New statistics that add the tokens where ``token_mask`` is True to ``stats`` (reselection, appendix E).
+
+        Backbones whose statistics cannot be updated from new tokens alone do not override this.
+        """
+        raise NotImplementedError(
+            f"The {self.name} backbone cannot update its statistics from generated tokens; reselection "
+            f"(reselect_every) is available for: {reselection_backbones()}."
+        )
+
+    @classmethod
+    def supports_reselection(cls) -> bool:
+        """Whether ``update`` is implemented, so that ``CapreseConfig(reselect_every=...)`` can be used."""
+        return cls.update is not Backbone.update
+
     @abstractmethod
     def active_ff_weights(self, hidden_size: int, intermediate_size: int) -> float:
         """Weights of one FF block (gate, up, down) a generated token uses on average, ignoring biases."""
@@ -58,6 +73,11 @@ def register_backbone(cls: type[Backbone]) -> type[Backbone]:
 def available_backbones() -> list[str]:
     """Names accepted by ``CapreseConfig(backbone=...)``."""
     return sorted(_REGISTRY)
+
+
+def reselection_backbones() -> list[str]:
+    """Names of the backbones that support reselection."""
+    return [name for name, cls in sorted(_REGISTRY.items()) if cls.supports_reselection()]
 
 
 def get_backbone(name: str) -> type[Backbone]:

@@ -45,6 +45,13 @@ class Griffin(Backbone):
     def keep_mask(self, gate: torch.Tensor, stats: GriffinStats) -> torch.Tensor:
         return stats.keep
 
+    def update(
+        self, stats: GriffinStats, gate: torch.Tensor, z: torch.Tensor, token_mask: torch.Tensor
+    ) -> GriffinStats:
+        # s and s_G are l2 norms over tokens, so sqrt(s^2 + s_G^2) is the statistic of all tokens together
+        score = torch.hypot(stats.score, griffin_scores(z, token_mask))
+        return GriffinStats(score=score, keep=top_neurons(score, self.density))
+
     def active_ff_weights(self, hidden_size: int, intermediate_size: int) -> float:
         k = max(1, round(self.density * intermediate_size))
         return 3.0 * hidden_size * k
