@@ -9,6 +9,7 @@ tokens yet and a decode step when it does.
 from __future__ import annotations
 
 import enum
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,6 +39,13 @@ class Step:
     sparse_mask: torch.Tensor | None = None  # (batch, seq) bool: tokens run sparse (teacher forcing)
     generation: int = 0  # counts prefills, so a decode step never reads statistics of another prompt
     losses: list | None = None  # LAYERWISE: each Caprese layer appends its MSE here
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name under which ``forward`` of ``model`` (a transformers or PEFT model) takes the KV cache."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = inspect.signature(base.forward).parameters
+    return next((name for name in _CACHE_KWARGS if name in parameters), _CACHE_KWARGS[-1])
 
 
 def _cache_length(cache: Any) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..state import teacher_forcing
+from ..state import cache_argument, teacher_forcing
 
 
 def _batches(items: Sequence[Any], size: int):
@@ -67,6 +67,76 @@ def continuation_kl(model: nn.Module, dataset: Any, batch_size: int = 4, progres
         "ppl_dense": math.exp(nll["dense"] / max(1, scored)),
         "ppl_model": math.exp(nll["model"] / max(1, scored)),
     }
+
+
+def _split_layout(
+    batch: Sequence[Any], pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded prompts ``(B, P)`` and right-padded continuations ``(B, C)``, ids and masks, as generation lays them out."""
+    prompts, continuations = [], []
+    for record in batch:
+        ids = list(record["input_ids"])
+        n_prompt = int(sum(bool(m) for m in record["prompt_mask"]))
+        prompts.append(ids[:n_prompt])
+        continuations.append(ids[n_prompt:])
+    width_p, width_c = max(map(len, prompts)), max(map(len, continuations))
+    prompt_ids = torch.full((len(batch), width_p), pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros_like(prompt_ids)
+    cont_ids = torch.full((len(batch), width_c), pad_token_id, dtype=torch.long)
+    cont_mask = torch.zeros_like(cont_ids)
+    for row, (prompt, continuation) in enumerate(zip(prompts, continuations)):
+        prompt_ids[row, width_p - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        prompt_mask[row, width_p - len(prompt) :] = 1
+        cont_ids[row, : len(continuation)] = torch.tensor(continuation, dtype=torch.long)
+        cont_mask[row, : len(continuation)] = 1
+    return prompt_ids, prompt_mask, cont_ids, cont_mask
+
+
+@torch.no_grad()
+def stepwise_continuation_kl(
+    model: nn.Module, dataset: Any, batch_size: int = 16, progress: bool = True
+) -> dict[str, float]:
+    """``continuation_kl``, but the Caprese model decodes the continuation one token at a time through its KV cache.
+
+    This is generation exactly (teacher tokens fed back instead of sampled ones), so it also measures what a
+    single teacher-forced pass cannot reproduce, such as GRIFFIN reselection rewriting past KV entries. The
+    dense reference is one pass of the model with its adapter disabled over the same layout.
+    """
+    from tqdm.auto import tqdm
+    from transformers import DynamicCache
+
+    from ..distill.data import position_ids_from
+    from .metrics import token_kl
+
+    cache_name = cache_argument(model)
+    records = [dataset[i] for i in range(len(dataset))]
+    kl_sum, tokens = 0.0, 0
+    for batch in tqdm(list(_batches(records, batch_size)), desc="Stepwise KL", disable=not progress):
+        prompt_ids, prompt_mask, cont_ids, cont_mask = (t.to(model.device) for t in _split_layout(batch, 0))
+        ids, mask = torch.cat([prompt_ids, cont_ids], dim=1), torch.cat([prompt_mask, cont_mask], dim=1)
+        positions = position_ids_from(mask)
+        width_p = prompt_ids.shape[1]
+        with model.disable_adapter():
+            dense = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        dense = dense[:, width_p:].float()  # (B, C, V): the logits after each continuation token
+        cache, student = DynamicCache(config=model.config), []
+        prefill = {"attention_mask": prompt_mask, "position_ids": positions[:, :width_p], cache_name: cache}
+        model(input_ids=prompt_ids, use_cache=True, logits_to_keep=1, **prefill)
+        for t in range(cont_ids.shape[1]):
+            end = width_p + t + 1
+            out = model(
+                input_ids=cont_ids[:, t : t + 1],
+                attention_mask=mask[:, :end],
+                position_ids=positions[:, end - 1 : end],
+                use_cache=True,
+                **{cache_name: cache},
+            )
+            student.append(out.logits[:, -1:].float())
+        kl_sum += float(token_kl(dense, torch.cat(student, dim=1), cont_mask.bool()).sum())
+        tokens += int(cont_mask.sum())
+    if tokens == 0:
+        raise ValueError("The dataset has no continuation tokens to compare on.")
+    return {"kl": kl_sum / tokens, "tokens": tokens}
 
 
 def greedy_generations(
