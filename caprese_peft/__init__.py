@@ -7,13 +7,16 @@
 from .accounting import ParameterReport, parameter_report
 from .backbones import Backbone, available_backbones, register_backbone
 from .config import CapreseConfig
+from .density import test_time_density
 from .layer import CapreseLayer
 from .loading import load_gguf_model, load_smollm2, smollm2_gguf_path
 from .model import CapreseModel
-from .registration import CAPRESE, register
+from .model_card import update_model_card, write_model_card
+from .registration import CAPRESE, hook_model_card, register
 from .state import layerwise_losses, teacher_forcing
 
 register(CapreseConfig, CapreseModel)
+hook_model_card(write_model_card)
 
 __version__ = "0.1.0"
 
@@ -46,4 +49,6 @@ __all__ = [
     "register_backbone",
     "smollm2_gguf_path",
     "teacher_forcing",
+    "test_time_density",
+    "update_model_card",
 ]

@@ -1,4 +1,5 @@
-"""The ``caprese-peft`` command: ``synth`` (distillation data), ``distill`` (train an adapter), ``eval`` (compare)."""
+"""The ``caprese-peft`` command: ``synth`` (distillation data), ``distill`` (train an adapter), ``eval`` (compare),
+``sweep`` (test-time density), ``coverage`` (best-of-N) and ``lm-eval`` (lm-evaluation-harness with Caprese)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+from .density import check_density
 
 DEFAULT_DATA = "../shared/data/gsm8k/train.jsonl"
 
@@ -62,6 +65,7 @@ def _distill(args: argparse.Namespace) -> None:
     from .distill import CapreseDataCollator, CapreseTrainer, CapreseTrainingArguments, fit_closed_form
     from .distill.data import load_prompt_completion
     from .loading import load_model
+    from .model_card import update_model_card
 
     base, tokenizer = load_model(args.model)
     model = build_adapter(base, args)
@@ -95,22 +99,29 @@ def _distill(args: argparse.Namespace) -> None:
         trainer = CapreseTrainer(model=model, args=training, train_dataset=dataset, processing_class=tokenizer)
         result = trainer.train(resume_from_checkpoint=args.resume or None)
         summary = {"stage": args.stage, "train_loss": result.training_loss}
-    model.save_pretrained(output)
     summary["seconds"] = round(time.perf_counter() - start, 1)
+    update_model_card(model, training_data=args.data, training=_training_record(args, summary))
+    model.save_pretrained(output)
     (output / "distill_summary.json").write_text(json.dumps(summary, indent=2))
     print(f"adapter -> {output}  {summary}")
 
 
-def _eval(args: argparse.Namespace) -> None:
-    from .eval.report import check_density, check_output_dir, evaluate_methods, load_eval_problems, write_report
-    from .loading import load_model
+def _training_record(args: argparse.Namespace, summary: dict) -> dict:
+    """What the model card says about a distillation run: its stage, settings and result."""
+    record = {"stage": args.stage, "init": args.init, "epochs": args.epochs, "learning_rate": args.lr}
+    record.update({"batch_size": args.batch_size * args.grad_accum, "max_length": args.max_length, **summary})
+    return {k: v for k, v in record.items() if v is not None}
 
-    # everything that can be checked without the model fails here, before the model loads
+
+def _problems(args: argparse.Namespace) -> list:
+    """Checks everything that can be checked without the model (output folder, density, data), then the problems."""
+    from .eval.output import check_output_dir
+    from .eval.report import load_eval_problems
+
     check_output_dir(args.output, args.overwrite)
-    if args.density is not None:
+    if getattr(args, "density", None) is not None:
         check_density(args.density)
-    layers = args.layers if args.layers in (None, "all", "first-half") else _layers(args.layers, 0)
-    problems = load_eval_problems(
+    return load_eval_problems(
         args.data,
         split=args.split,
         dev_size=args.dev_size,
@@ -120,6 +131,64 @@ def _eval(args: argparse.Namespace) -> None:
         hf_split=args.hf_split,
         hf_config=args.hf_config,
     )
+
+
+def _method_layers(args: argparse.Namespace):
+    return args.layers if args.layers in (None, "all", "first-half") else _layers(args.layers, 0)
+
+
+def _info(args: argparse.Namespace) -> dict:
+    return {"model": args.model, "data": str(args.data), "split": args.split}
+
+
+def _card_targets(args: argparse.Namespace) -> list[Path]:
+    """The adapter folders whose model cards ``--card`` updates; raises for one that is not a local folder."""
+    if not args.card:
+        return []
+    if not args.adapter:
+        raise ValueError("--card records figures in the adapters' model cards: pass --adapter.")
+    folders = [Path(a) for a in args.adapter]
+    remote = [str(f) for f in folders if not (f / "adapter_config.json").is_file()]
+    if remote:
+        raise ValueError(
+            f"--card writes into the adapter folder, but {remote} is not a local adapter folder; download it first."
+        )
+    return folders
+
+
+def _record_eval(results: dict, args: argparse.Namespace) -> None:
+    """Write an eval run's figures into each adapter's model card, with dense and the backbone as baselines."""
+    from .model_card import update_model_card
+
+    def figures(method: dict) -> dict:
+        values = {
+            "accuracy": method["accuracy"],
+            "mean_length": method["length"]["mean"],
+            "kl": method["kl"],
+            "perplexity": method["perplexity"],
+            "agreement_length": method["agreement"]["mean"],
+            "active_fraction": method["active_params"] / method["total_params"],
+            "ttnt_ms": method["latency"]["ttnt_ms"],
+        }
+        return {k: v for k, v in values.items() if v is not None}
+
+    methods = results["methods"]
+    baselines = {name: figures(m) for name, m in methods.items() if m["kind"] != "adapter"}
+    dataset = f"{args.data} ({args.split} split, {results['problems']} problems)"
+    notes = f"greedy, at most {args.max_new_tokens} new tokens, latency on {results['device']}"
+    for m in methods.values():
+        if m["kind"] == "adapter":
+            update_model_card(m["source"], metrics=figures(m), dataset=dataset, baselines=baselines, notes=notes)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from .eval.report import evaluate_methods, write_report
+    from .loading import load_model
+
+    # everything that can be checked without the model fails here, before the model loads
+    problems = _problems(args)
+    cards = _card_targets(args)
+    layers = _method_layers(args)
     model, tokenizer = load_model(args.model)
     start = time.perf_counter()
     results = evaluate_methods(
@@ -134,13 +203,122 @@ def _eval(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         timing_tokens=args.timing_tokens,
         timing_repeats=args.timing_repeats,
-        info={"model": args.model, "data": str(args.data), "split": args.split},
+        info=_info(args),
     )
     results["seconds"] = round(time.perf_counter() - start, 1)
     output = write_report(results, args.output, overwrite=args.overwrite)
+    if cards:
+        _record_eval(results, args)
+        print(f"figures recorded in the model cards of {', '.join(map(str, cards))}")
     for name, method in results["methods"].items():
         print(f"{name}: accuracy {method['accuracy']:.1%}, mean length {method['length']['mean']:.1f} tokens")
     print(f"report -> {output / 'report.md'} ({results['seconds']:.0f} s)")
+
+
+def _densities(spec: str) -> list[float]:
+    try:
+        return [float(d) for d in spec.split(",") if d.strip()]
+    except ValueError:
+        raise ValueError(f"--densities takes comma-separated numbers like 0.3,0.5,0.7, got {spec!r}.") from None
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from .eval.sweep import check_densities, density_sweep, write_sweep_report
+    from .loading import load_model
+
+    densities = check_densities(_densities(args.densities))
+    problems = _problems(args)
+    model, tokenizer = load_model(args.model)
+    start = time.perf_counter()
+    results = density_sweep(
+        model,
+        tokenizer,
+        problems,
+        densities=densities,
+        adapters=args.adapter,
+        backbone=args.backbone,
+        layers=_method_layers(args),
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        kl_batch_size=args.kl_batch_size,
+        info=_info(args),
+    )
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    output = write_sweep_report(results, args.output, overwrite=args.overwrite)
+    for name, method in results["methods"].items():
+        accuracies = ", ".join(f"{p['density']:g}: {p['accuracy']:.1%}" for p in method["points"])
+        print(f"{name}: accuracy {accuracies}")
+    print(f"report -> {output / 'report.md'} ({results['seconds']:.0f} s)")
+
+
+def _coverage(args: argparse.Namespace) -> None:
+    from .eval.coverage import best_of_n, check_sampling, write_coverage_report
+    from .loading import load_model
+
+    check_sampling(n=args.n, pools=args.pools, temperature=args.temperature, top_p=args.top_p)
+    problems = _problems(args)
+    model, tokenizer = load_model(args.model)
+    start = time.perf_counter()
+    results = best_of_n(
+        model,
+        tokenizer,
+        problems,
+        n=args.n,
+        pools=args.pools,
+        adapters=args.adapter,
+        backbone=args.backbone,
+        density=args.density,
+        layers=_method_layers(args),
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        info=_info(args),
+    )
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    output = write_coverage_report(results, args.output, overwrite=args.overwrite)
+    for name, method in results["methods"].items():
+        print(
+            f"{name}: pass@1 {method['coverage'][0]:.1%}, pass@{args.n} {method['coverage'][-1]:.1%} "
+            f"at {method['relative_compute'][-1]:.2f} relative compute"
+        )
+    print(f"report -> {output / 'report.md'} ({results['seconds']:.0f} s)")
+
+
+def _add_problem_args(parser: argparse.ArgumentParser) -> None:
+    """The flags naming the model, the problems and the output folder, shared by eval, sweep and coverage."""
+    parser.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file, or a transformers model")
+    parser.add_argument(
+        "--adapter", action="extend", nargs="+", default=[], help="Caprese adapters (folders or Hub ids) to compare"
+    )
+    parser.add_argument(
+        "--data",
+        default=DEFAULT_DATA,
+        help="JSONL or HF dataset of question + answer records, or prompt-completion records with an answer (synth)",
+    )
+    parser.add_argument("--split", default="dev", choices=["train", "dev", "all"], help="dev = the last --dev-size")
+    parser.add_argument("--dev-size", type=int, default=500)
+    parser.add_argument("--limit", type=int, help="at most this many problems")
+    parser.add_argument("--question-field", help="field holding the problem (default: question, problem or prompt)")
+    parser.add_argument("--instruction", default="Please reason step by step.", help="appended to each question")
+    parser.add_argument("--hf-split", default="train", help="split of a Hugging Face dataset")
+    parser.add_argument("--hf-config", help="configuration of a Hugging Face dataset (e.g. 'main' for gsm8k)")
+    parser.add_argument("--output", required=True, help="folder for results.json, report.md and plots")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences generated together")
+
+
+def _add_backbone_args(parser: argparse.ArgumentParser, density: bool = True) -> None:
+    parser.add_argument(
+        "--backbone",
+        help="backbone alone (R = 0); default: cats if --density/--layers or no --adapter is given, "
+        "else each adapter's own backbone",
+    )
+    if density:
+        parser.add_argument("--density", type=float, help="density of the backbone alone, in (0, 1] (default 0.5)")
+    parser.add_argument("--layers", help="layers of the backbone alone: 'all', 'first-half' or indices like 0,1,2")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -185,37 +363,50 @@ def main(argv: list[str] | None = None) -> None:
     distill.set_defaults(run=_distill)
 
     evaluate = commands.add_parser("eval", help="compare dense, backbone-only and trained Caprese models side by side")
-    evaluate.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file, or a transformers model")
-    evaluate.add_argument(
-        "--adapter", action="extend", nargs="+", default=[], help="Caprese adapters (folders or Hub ids) to compare"
-    )
-    evaluate.add_argument(
-        "--backbone",
-        help="backbone alone (R = 0); default: cats if --density/--layers or no --adapter is given, "
-        "else each adapter's own backbone",
-    )
-    evaluate.add_argument("--density", type=float, help="density of the backbone alone, in (0, 1] (default 0.5)")
-    evaluate.add_argument("--layers", help="layers of the backbone alone: 'all', 'first-half' or indices like 0,1,2")
-    evaluate.add_argument(
-        "--data",
-        default=DEFAULT_DATA,
-        help="JSONL or HF dataset of question + answer records, or prompt-completion records with an answer (synth)",
-    )
-    evaluate.add_argument("--split", default="dev", choices=["train", "dev", "all"], help="dev = the last --dev-size")
-    evaluate.add_argument("--dev-size", type=int, default=500)
-    evaluate.add_argument("--limit", type=int, help="at most this many problems")
-    evaluate.add_argument("--question-field", help="field holding the problem (default: question, problem or prompt)")
-    evaluate.add_argument("--instruction", default="Please reason step by step.", help="appended to each question")
-    evaluate.add_argument("--hf-split", default="train", help="split of a Hugging Face dataset")
-    evaluate.add_argument("--hf-config", help="configuration of a Hugging Face dataset (e.g. 'main' for gsm8k)")
-    evaluate.add_argument("--output", required=True, help="folder for results.json, report.md and plots")
-    evaluate.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
-    evaluate.add_argument("--max-new-tokens", type=int, default=256)
-    evaluate.add_argument("--batch-size", type=int, default=16)
+    _add_problem_args(evaluate)
+    _add_backbone_args(evaluate)
     evaluate.add_argument("--timing-tokens", type=int, default=32, help="tokens generated to time TTNT")
     evaluate.add_argument("--timing-repeats", type=int, default=3, help="timing runs per method (median)")
+    evaluate.add_argument(
+        "--card", action="store_true", help="record the measured figures in each (local) adapter's model card"
+    )
     evaluate.set_defaults(run=_eval)
 
+    sweep = commands.add_parser(
+        "sweep", help="test-time density: run adapters at other densities than trained at, against the backbone alone"
+    )
+    _add_problem_args(sweep)
+    _add_backbone_args(sweep, density=False)
+    sweep.add_argument(
+        "--densities", default="0.3,0.4,0.5,0.6,0.7", help="comma-separated test-time densities, each in (0, 1]"
+    )
+    sweep.add_argument("--kl-batch-size", type=int, default=4, help="sequences per teacher-forced KL pass")
+    sweep.set_defaults(run=_sweep)
+
+    coverage = commands.add_parser(
+        "coverage", help="best-of-N coverage (pass@k, k = 1..N) of dense, backbone and adapters against compute"
+    )
+    _add_problem_args(coverage)
+    _add_backbone_args(coverage)
+    coverage.add_argument("--n", type=int, default=8, help="N: sampled responses per problem in each pool")
+    coverage.add_argument("--pools", type=int, default=2, help="independent pools of N averaged over")
+    coverage.add_argument("--temperature", type=float, default=0.7)
+    coverage.add_argument("--top-p", type=float, default=1.0)
+    coverage.add_argument("--seed", type=int, default=0)
+    coverage.set_defaults(run=_coverage)
+
+    commands.add_parser(
+        "lm-eval",
+        help="lm-evaluation-harness with Caprese registered; takes lm-eval's own arguments",
+        add_help=False,
+    )
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # everything after it belongs to lm-eval's own parser
+        from .lm_eval import main as lm_eval_main
+
+        lm_eval_main(argv[1:])
+        return
     args = parser.parse_args(argv)
     try:
         args.run(args)

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -24,7 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..density import check_density
 from ..distill.synth import INSTRUCTION, read_records
+from .output import check_output_dir, staged_output
 
 DENSE = "dense"
 DEFAULT_BACKBONE = "cats"
@@ -117,26 +117,6 @@ def _is_messages(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
 
 
-def check_density(density: float) -> float:
-    """``density`` as a float, or a ValueError saying that it must lie in (0, 1]."""
-    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
-        raise ValueError(f"density must lie in (0, 1] (the fraction of feed-forward neurons kept), got {density!r}.")
-    return float(density)
-
-
-def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """``output_dir`` as a Path; raises when it is a file, or a non-empty folder and ``overwrite`` is False."""
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"The output {path} is a file; pass a folder.")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise ValueError(
-            f"The output folder {path} exists and is not empty; choose another folder or pass --overwrite "
-            "(overwrite=True) to replace it."
-        )
-    return path
-
-
 def _resolve_layers(layers: str | Sequence[int] | None, n_layers: int) -> list[int] | None:
     if layers is None or layers == "all":
         return None
@@ -183,7 +163,7 @@ def _adapter_configs(adapters: Sequence[str | os.PathLike]) -> list[tuple[str, A
     return configs
 
 
-def _plan_methods(
+def plan_methods(
     base: nn.Module,
     adapters: Sequence[str | os.PathLike],
     backbone: str | None,
@@ -242,7 +222,7 @@ def _plan_methods(
         methods[name] = {"kind": "adapter", "source": source, "config": _describe_config(config)}
 
     for method in methods.values():
-        with _wrapped(base, method):
+        with method_model(base, method):
             pass
     return methods
 
@@ -258,7 +238,7 @@ def _describe_config(config: Any, rank: bool = True) -> dict[str, Any]:
 
 
 @contextmanager
-def _wrapped(base: nn.Module, method: dict[str, Any]):
+def method_model(base: nn.Module, method: dict[str, Any]):
     """``base`` as ``method`` runs it: itself for dense, else wrapped with the method's adapter until exit.
 
     A Caprese model holds one adapter at a time, so each method gets its own short-lived wrapper.
@@ -282,6 +262,32 @@ def _wrapped(base: nn.Module, method: dict[str, Any]):
         yield model.eval()
     finally:
         model.unload()
+
+
+def check_inputs(model: nn.Module, tokenizer: Any, problems: Sequence[dict[str, Any]]) -> None:
+    """Raise before any work unless ``model`` is a base model, ``tokenizer`` has a chat template and every problem
+    has a prompt and an answer."""
+    if hasattr(model, "peft_config"):
+        raise ValueError("Pass the base model: the evaluation adds the Caprese adapters itself.")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("The tokenizer has no chat template; evaluation writes chat prompts through it.")
+    if not problems:
+        raise ValueError("problems is empty: there is nothing to evaluate on.")
+    lacking = [p.get("id", i) for i, p in enumerate(problems) if not p.get("answer") or not p.get("prompt")]
+    if lacking:
+        raise ValueError(f"Problems {lacking[:10]} lack a prompt or an answer (found {sorted(problems[0])}).")
+
+
+@contextmanager
+def frozen(model: nn.Module):
+    """``model`` with gradients off for the block, restored after; a wrapped base is frozen, so dense runs match."""
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for parameter, requires_grad in grads:
+            parameter.requires_grad_(requires_grad)
 
 
 def _timed(fn: Callable[[], Any], device: torch.device) -> float:
@@ -332,7 +338,7 @@ def measure_latency(
     }
 
 
-def _continuations(
+def dense_continuations(
     tokenizer: Any, problems: Sequence[dict[str, Any]], dense: Sequence[tuple[str, list[int]]]
 ) -> tuple[list[dict[str, list]], str]:
     """Tokenized teacher-forcing records: the data's completions, else the dense model's greedy responses."""
@@ -366,7 +372,8 @@ def _continuations(
     return features, "greedy responses of the dense model"
 
 
-def _param_counts(model: nn.Module, kind: str) -> dict[str, int]:
+def param_counts(model: nn.Module, kind: str) -> dict[str, int]:
+    """``total_params``, ``active_params`` (per generated token) and ``adapter_params`` of a method's model."""
     from ..accounting import parameter_report
 
     if kind == DENSE:
@@ -382,9 +389,10 @@ def _param_counts(model: nn.Module, kind: str) -> dict[str, int]:
     return {"total_params": report.total, "active_params": report.active_per_token, "adapter_params": report.adapter}
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or ``cpu (n threads)``."""
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return torch.cuda.getdevice_name(device)
     threads = torch.get_num_threads()
     return f"{device.type} ({threads} thread{'' if threads == 1 else 's'})"
 
@@ -444,21 +452,11 @@ def evaluate_methods(
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
     if density is not None:
         check_density(density)
-    if hasattr(model, "peft_config"):
-        raise ValueError("Pass the base model: evaluate_methods adds the Caprese adapters itself.")
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("The tokenizer has no chat template; evaluation writes chat prompts through it.")
-    if not problems:
-        raise ValueError("problems is empty: there is nothing to evaluate on.")
-    lacking = [p.get("id", i) for i, p in enumerate(problems) if not p.get("answer") or not p.get("prompt")]
-    if lacking:
-        raise ValueError(f"Problems {lacking[:10]} lack a prompt or an answer (found {sorted(problems[0])}).")
+    check_inputs(model, tokenizer, problems)
 
     # a wrapped base is frozen: freeze it for the dense runs too, so every method gets the same numerics
-    grads = [(p, p.requires_grad) for p in model.parameters()]
-    model.requires_grad_(False)
-    try:
-        methods = _plan_methods(model, adapters, backbone, density, layers)
+    with frozen(model):
+        methods = plan_methods(model, adapters, backbone, density, layers)
         prompts = [p["prompt"] for p in problems]
         batches = -(-len(prompts) // batch_size)
         generations: dict[str, list[tuple[str, list[int]]]] = {}
@@ -467,7 +465,7 @@ def evaluate_methods(
         with tqdm(total=len(methods) * (batches + 2), desc="Evaluating", unit="step", disable=not progress) as bar:
             for name, method in methods.items():
                 kind = method["kind"]
-                with _wrapped(model, method) as runner:
+                with method_model(model, method) as runner:
                     bar.set_description(f"{name}: greedy")
                     outputs: list[tuple[str, list[int]]] = []
                     for batch in _batches(prompts, batch_size):
@@ -484,7 +482,7 @@ def evaluate_methods(
 
                     bar.set_description(f"{name}: KL")
                     if kind == DENSE:
-                        continuations, continuation_source = _continuations(tokenizer, problems, outputs)
+                        continuations, continuation_source = dense_continuations(tokenizer, problems, outputs)
                     elif continuations:
                         method["kl_stats"] = continuation_kl(
                             runner, continuations, batch_size=kl_batch_size, progress=False
@@ -499,11 +497,8 @@ def evaluate_methods(
                         new_tokens=max(2, min(timing_tokens, max_new_tokens)),
                         repeats=timing_repeats,
                     )
-                    method.update(_param_counts(runner, kind))
+                    method.update(param_counts(runner, kind))
                     bar.update()
-    finally:
-        for parameter, requires_grad in grads:
-            parameter.requires_grad_(requires_grad)
 
     dense_ids = [ids for _, ids in generations[DENSE]]
     ppl_dense = next((m["kl_stats"]["ppl_dense"] for m in methods.values() if "kl_stats" in m), None)
@@ -546,7 +541,7 @@ def evaluate_methods(
         "batch_size": batch_size,
         "kl_on": continuation_source,
         "kl_tokens": sum(f["prompt_mask"].count(False) for f in continuations),
-        "device": _device_name(device),
+        "device": device_name(device),
         "torch": torch.__version__,
         "methods": results_methods,
     }
@@ -615,39 +610,27 @@ def write_report(results: dict[str, Any], output_dir: str | os.PathLike, *, over
     """
     from .plots import plot_length_histograms
 
-    output = check_output_dir(output_dir, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
+    with staged_output(output_dir, overwrite=overwrite) as staging:
         (staging / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         (staging / "report.md").write_text(report_markdown(results))
         plot_length_histograms({n: m["lengths"] for n, m in results["methods"].items()}, staging / "lengths.png")
         plot_scores(results, staging / "scores.png")
-        old = None
-        if output.exists():  # an empty folder, or one --overwrite replaces: move it aside until the rename
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            os.replace(output, old / output.name)
-        try:
-            os.replace(staging, output)
-        except BaseException:
-            if old is not None:
-                os.replace(old / output.name, output)
-                old.rmdir()
-            raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return output
+    return Path(output_dir)
 
 
 __all__ = [
     "check_density",
+    "check_inputs",
     "check_output_dir",
+    "dense_continuations",
+    "device_name",
     "evaluate_methods",
+    "frozen",
     "load_eval_problems",
     "measure_latency",
+    "method_model",
+    "param_counts",
+    "plan_methods",
     "plot_scores",
     "report_markdown",
     "write_report",
