@@ -7,6 +7,7 @@
 from .accounting import ParameterReport, parameter_report
 from .backbones import Backbone, available_backbones, register_backbone
 from .config import CapreseConfig
+from .decoding import decode_impl, release_decode_caches, set_decode_impl
 from .density import test_time_density
 from .layer import CapreseLayer
 from .loading import load_gguf_model, load_smollm2, smollm2_gguf_path
@@ -42,11 +43,14 @@ __all__ = [
     "CapreseTrainingArguments",
     "ParameterReport",
     "available_backbones",
+    "decode_impl",
     "load_gguf_model",
     "layerwise_losses",
     "load_smollm2",
     "parameter_report",
     "register_backbone",
+    "release_decode_caches",
+    "set_decode_impl",
     "smollm2_gguf_path",
     "teacher_forcing",
     "test_time_density",

@@ -10,11 +10,30 @@ values as the decode branch of ``CapreseLayer.forward``, up to the order of floa
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
+# the activations the fused kernels implement, by the name they take
+ACTIVATIONS: dict[str, Activation] = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh")}
+
+
+def activation_name(act: Activation) -> str | None:
+    """The name in ``ACTIVATIONS`` of the function ``act`` computes, or None if it is none of them.
+
+    Decided by evaluating ``act`` on probe values, so any module or function of transformers' activation table
+    (``nn.SiLU``, ``SiLUActivation``, ``GELUTanh``, ...) is recognised by what it computes, not by its class name.
+    """
+    probe = torch.linspace(-8.0, 8.0, 161)
+    with torch.no_grad():
+        values = act(probe)
+    for name, reference in ACTIVATIONS.items():
+        if torch.allclose(values, reference(probe), rtol=1e-6, atol=1e-6):
+            return name
+    return None
 
 
 class GriffinMergedWeights(NamedTuple):

@@ -3,6 +3,7 @@
 from .cats_ff import (
     INTERPRET,
     MAX_BATCH,
+    SUPPORTED_DTYPES,
     CatsFFWeights,
     cats_ff,
     cats_ff_op,
@@ -16,6 +17,7 @@ from .cats_ff import (
 __all__ = [
     "INTERPRET",
     "MAX_BATCH",
+    "SUPPORTED_DTYPES",
     "CatsFFWeights",
     "cats_ff",
     "cats_ff_op",

@@ -19,17 +19,14 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from functools import partial
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from caprese_peft.merged import cats_merged_ff, check_ff_weights
+from caprese_peft.merged import ACTIVATIONS, cats_merged_ff, check_ff_weights
 
 MAX_BATCH = 8  # one token per sequence; the (batch, neurons, hidden) register tile grows with the batch
-ACTIVATIONS = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh")}
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # read once, as triton.jit does when it decorates the kernels below
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
