@@ -27,9 +27,8 @@ class Phase(enum.Enum):
     DECODE = "decode"  # sparse FF + low-rank correction, statistics from the last prefill
     TEACHER_FORCED = "teacher_forced"  # prompt tokens as prefill, the rest as decode, in one pass
     LAYERWISE = "layerwise"  # dense outputs everywhere; each layer scores its sparse + low-rank output locally
-    RESELECT = (
-        "reselect"  # the tokens generated since the last reselection, rerun dense; their statistics join the prompt's
-    )
+    MOMENTS = "moments"  # dense outputs everywhere; each layer hands its inputs and backbone error to an observer
+    RESELECT = "reselect"  # the tokens decoded since the last reselection, rerun dense; statistics updated
 
 
 @dataclass
@@ -39,6 +38,7 @@ class Step:
     sparse_mask: torch.Tensor | None = None  # (batch, seq) bool: tokens run sparse (teacher forcing)
     generation: int = 0  # counts prefills, so a decode step never reads statistics of another prompt
     losses: list | None = None  # LAYERWISE: each Caprese layer appends its MSE here
+    observe: Callable[..., None] | None = None  # MOMENTS: called as observe(layer, x, FF(x) - FF_sparse(x))
 
 
 def cache_argument(model: nn.Module) -> str:
@@ -65,7 +65,7 @@ class GenerationState:
         self.step: Step | None = None
         self.generation = 0
         self.batch_size: int | None = None
-        self._forced: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._forced: tuple | None = None  # (phase, prompt_mask, sparse_mask, losses, observe)
         # the reselection interval of the adapter in use (None: never reselect), asked at every decode step
         self.reselect_every = reselect_every or (lambda: None)
         self._window: list[torch.Tensor] = []  # (batch, 1) ids decoded sparse since the last prefill or reselection
@@ -170,19 +170,24 @@ class GenerationState:
         return attention_mask[:, -seq:].to(device=device, dtype=torch.bool)
 
     def _teacher_forced_step(self, batch: int, seq: int) -> Step:
-        phase, prompt_mask, sparse_mask, losses = self._forced
+        phase, prompt_mask, sparse_mask, losses, observe = self._forced
         if prompt_mask.shape != (batch, seq):
             raise ValueError(
                 f"Got a prompt mask of shape {tuple(prompt_mask.shape)} for inputs of shape {(batch, seq)}."
             )
-        return Step(phase, prompt_mask, sparse_mask=sparse_mask, losses=losses)
+        return Step(phase, prompt_mask, sparse_mask=sparse_mask, losses=losses, observe=observe)
 
     @contextmanager
     def forced(
-        self, phase: Phase, prompt_mask: torch.Tensor, sparse_mask: torch.Tensor, losses: list | None = None
+        self,
+        phase: Phase,
+        prompt_mask: torch.Tensor,
+        sparse_mask: torch.Tensor,
+        losses: list | None = None,
+        observe: Callable[..., None] | None = None,
     ) -> Iterator[None]:
         previous = self._forced
-        self._forced = (phase, prompt_mask, sparse_mask, losses)
+        self._forced = (phase, prompt_mask, sparse_mask, losses, observe)
         try:
             yield
         finally:
@@ -248,3 +253,21 @@ def layerwise_losses(
     losses: list[torch.Tensor] = []
     with find_state(model).forced(Phase.LAYERWISE, prompt_mask, sparse_mask, losses):
         yield losses
+
+
+@contextmanager
+def backbone_errors(
+    model: nn.Module,
+    observe: Callable[..., None],
+    prompt_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> Iterator[None]:
+    """Run forwards of ``model`` densely while every Caprese layer reports ``observe(layer, x, FF(x) - FF_sparse(x))``.
+
+    ``x`` is the layer's input ``(batch, seq, hidden)`` as the original model gives it, the error is the
+    backbone's on those inputs, with statistics from the prompt tokens; the observer picks the rows it
+    needs (continuation tokens: ``find_state(model).step.sparse_mask``). The regression of equation 7.
+    """
+    prompt_mask, sparse_mask = _split_masks(prompt_mask, attention_mask)
+    with find_state(model).forced(Phase.MOMENTS, prompt_mask, sparse_mask, observe=observe):
+        yield

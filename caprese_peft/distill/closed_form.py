@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..layer import CapreseLayer
-from ..state import find_state, layerwise_losses
+from ..state import backbone_errors, find_state
 from .data import position_ids_from
 
 
@@ -61,50 +61,36 @@ def collect_moments(model: nn.Module, batches: Iterable[Mapping[str, torch.Tenso
     every layer sees the inputs of the original model; rows are the continuation tokens.
     """
     layers = _caprese_layers(model)
+    names = {id(layer): name for name, layer in layers.items()}
     state = find_state(model)
     moments: dict[str, Moments] = {}
 
-    def hook_for(name: str, layer: CapreseLayer):
-        adapter = _active_adapter(layer)
+    def observe(layer: CapreseLayer, x: torch.Tensor, target: torch.Tensor) -> None:
+        rows = state.step.sparse_mask
+        xs, ys = x[rows].float(), target[rows].float()  # (N, D): inputs and FF(x) - FF_sparse(x)
+        name = names[id(layer)]
+        if name not in moments:
+            dim = xs.shape[-1]
+            zeros = torch.zeros(dim, dim, dtype=torch.float32, device=xs.device)
+            moments[name] = Moments(zeros, zeros.clone(), 0.0, 0)
+        m = moments[name]
+        m.xx += xs.T @ xs
+        m.xy += xs.T @ ys
+        m.yy += float(ys.square().sum())
+        m.tokens += xs.shape[0]
 
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            step = state.step
-            mlp, backbone, x = layer.get_base_layer(), layer.caprese_backbone[adapter], args[0]
-            gate = mlp.act_fn(mlp.gate_proj(x))  # (B, S, d_ff)
-            z = gate * mlp.up_proj(x)
-            keep = backbone.keep_mask(gate, backbone.calibrate(gate, z, step.token_mask))
-            target = output - mlp.down_proj(z * keep)  # (B, S, D): FF(x) - FF_sparse(x); output is the dense block
-            rows = step.sparse_mask
-            xs, ys = x[rows].float(), target[rows].float()  # (N, D)
-            if name not in moments:
-                dim = xs.shape[-1]
-                zeros = torch.zeros(dim, dim, dtype=torch.float32, device=xs.device)
-                moments[name] = Moments(zeros, zeros.clone(), 0.0, 0)
-            m = moments[name]
-            m.xx += xs.T @ xs
-            m.xy += xs.T @ ys
-            m.yy += float(ys.square().sum())
-            m.tokens += xs.shape[0]
-
-        return hook
-
-    handles = [layer.register_forward_hook(hook_for(name, layer)) for name, layer in layers.items()]
-    try:
-        for batch in batches:
-            device = next(model.parameters()).device
-            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            prompt = batch["prompt_mask"].to(device).bool()
-            with layerwise_losses(model, prompt, mask):
-                model(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    position_ids=position_ids_from(mask),
-                    use_cache=False,
-                    logits_to_keep=1,
-                )
-    finally:
-        for handle in handles:
-            handle.remove()
+    for batch in batches:
+        device = next(model.parameters()).device
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        prompt = batch["prompt_mask"].to(device).bool()
+        with backbone_errors(model, observe, prompt, mask):
+            model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position_ids_from(mask),
+                use_cache=False,
+                logits_to_keep=1,
+            )
     if not moments:
         raise ValueError("No batch reached the Caprese layers; pass at least one batch with continuation tokens.")
     return moments
