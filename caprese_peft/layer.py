@@ -167,11 +167,6 @@ class CapreseLayer(nn.Module, BaseTunerLayer):
             dense = mlp.down_proj(z)
             step.observe(self, x, dense - mlp.down_proj(z * keep))
             return dense
-        if step.phase is Phase.MOMENTS:
-            # the regression of equation 7 streamed by the closed-form solver: inputs and FF(x) - FF_sparse(x)
-            dense = mlp.down_proj(z)
-            step.observe(self, x, dense - mlp.down_proj(z * keep))
-            return dense
         if step.phase is Phase.LAYERWISE:
             # equation 7: the block learns FF(x) - FF_sparse(x) on the original model's inputs
             dense = mlp.down_proj(z)
