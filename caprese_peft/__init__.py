@@ -9,6 +9,7 @@ from .backbones import Backbone, available_backbones, register_backbone
 from .config import CapreseConfig
 from .decoding import decode_impl, release_decode_caches, set_decode_impl
 from .density import test_time_density
+from .fast_decode import FastDecoder
 from .layer import CapreseLayer
 from .loading import load_gguf_model, load_smollm2, smollm2_gguf_path
 from .model import CapreseModel
@@ -41,6 +42,7 @@ __all__ = [
     "CapreseModel",
     "CapreseTrainer",
     "CapreseTrainingArguments",
+    "FastDecoder",
     "ParameterReport",
     "available_backbones",
     "decode_impl",

@@ -1,0 +1,324 @@
+"""Greedy generation with a dense prefill through transformers and a lean, graph-captured decode step.
+
+``FastDecoder`` follows gpt-fast's ``generate.py``: ``prefill`` runs the transformers (PEFT) model on the prompt,
+which yields the KV cache and, through the generation-state hook, each Caprese layer's backbone statistics;
+the cache is copied into static buffers and the sparse FF weights of this prompt batch are materialised; then
+``decode_one_token`` runs the lean step of ``lean.py``, compiled with ``torch.compile(mode="reduce-overhead")``
+(CUDA graphs) on CUDA and eagerly on a CPU. Greedy output equals ``model.generate(..., do_sample=False)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..backbones import Cats, Griffin
+from ..layer import CapreseLayer
+from ..state import find_state
+from .lean import CatsFF, DenseFF, GriffinFF, LeanDecoder, architecture_problem
+
+MODES = ("dense", "backbone", "caprese")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "cudagraph")
+
+
+def _greedy_step(
+    lean: LeanDecoder, tokens: torch.Tensor, slot: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``(B, V)`` fp32 and the greedy next tokens ``(B,)`` of one decode step."""
+    logits = lean(tokens, slot, positions)
+    return logits, logits.argmax(dim=-1)
+
+
+class _CudaGraphStep:
+    """``_greedy_step`` captured in one CUDA graph without compiling: static inputs, replayed per token."""
+
+    def __init__(self, lean: LeanDecoder, tokens: torch.Tensor, slot: torch.Tensor, positions: torch.Tensor) -> None:
+        self.inputs = (tokens.clone(), slot.clone(), positions.clone())
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up: Triton autotuning and cuBLAS setup cannot be captured
+            for _ in range(2):
+                _greedy_step(lean, *self.inputs)  # idempotent: rewrites the same cache slot
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = _greedy_step(lean, *self.inputs)
+
+    def __call__(self, lean, tokens, slot, positions) -> tuple[torch.Tensor, torch.Tensor]:
+        for static, value in zip(self.inputs, (tokens, slot, positions)):
+            static.copy_(value)
+        self.graph.replay()
+        return self.outputs
+
+
+class FastDecoder:
+    """Greedy decoding of a Llama/Mistral/Qwen2/Qwen3 model, plain or with a Caprese adapter, in three modes.
+
+    ``mode``: ``"dense"`` (adapter disabled), ``"backbone"`` (the sparse backbone without ``x @ L @ R``) or
+    ``"caprese"`` (sparse backbone plus correction); None picks ``"caprese"`` when a Caprese adapter is
+    active, else ``"dense"``.
+    ``compile``: None picks ``"reduce-overhead"`` on CUDA and ``"none"`` (eager) elsewhere; ``"cudagraph"``
+    captures the eager step in one CUDA graph without compiling; other ``torch.compile`` modes are passed on;
+    a callable wraps the step function (e.g. ``lambda f: torch.compile(f, backend="eager", fullgraph=True)``).
+    ``max_seq_len`` bounds prompt plus generated tokens (default: what the first ``generate`` call needs).
+    ``use_kernels`` is passed to ``kernels.cats_ff`` for CATS layers.
+
+    The lean step copies the q/k/v and gate/up weights it fuses (and CATS layers' up/down weights), so it holds
+    roughly the attention and FF weights once more; build it after the model is on its device and in eval mode.
+    GRIFFIN reselection is not supported: use ``model.generate`` for adapters with ``reselect_every``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        mode: str | None = None,
+        max_seq_len: int | None = None,
+        compile: str | Callable | None = None,
+        use_kernels: bool | None = None,
+    ) -> None:
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"mode must be None or one of {MODES}, got {mode!r}.")
+        self.model = model
+        self.hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        config = self.hf_model.config
+        problem = architecture_problem(config, max_seq_len)
+        if problem is not None:
+            raise ValueError(
+                f"FastDecoder cannot decode {type(self.hf_model).__name__}: {problem}. Use model.generate(...) for "
+                "this model; the merged Caprese decode (caprese_peft.set_decode_impl) works there for every "
+                "supported architecture."
+            )
+        self.layers = [self._caprese_layer(layer.mlp) for layer in self.hf_model.model.layers]
+        if mode is None:
+            mode = "caprese" if any(layer is not None and layer._active() for layer in self.layers) else "dense"
+        self.mode = mode
+        if mode != "dense":
+            self.adapter = self._check_adapter()
+        device = next(self.hf_model.parameters()).device
+        if compile is None:
+            compile = "reduce-overhead" if device.type == "cuda" else "none"
+        if not callable(compile) and compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be None, a callable or one of {COMPILE_MODES}, got {compile!r}.")
+        if compile == "cudagraph" and device.type != "cuda":
+            raise ValueError(f"compile='cudagraph' needs the model on CUDA; it is on {device}.")
+        self.compile = compile
+        self.use_kernels = use_kernels
+        self.max_seq_len = max_seq_len
+        self.device = device
+        self.lean: LeanDecoder | None = None
+        self._step: Callable | None = None
+        self._slot: torch.Tensor | None = None  # (1,) cache slot of the next token
+        self._slot_host = 0
+        self._positions: torch.Tensor | None = None  # (B,) rotary position of the next token
+
+    # ---- construction ----
+
+    @staticmethod
+    def _caprese_layer(mlp: nn.Module) -> CapreseLayer | None:
+        return mlp if isinstance(mlp, CapreseLayer) else None
+
+    def _check_adapter(self) -> str:
+        layers = [layer for layer in self.layers if layer is not None]
+        if not layers:
+            raise ValueError(f"mode={self.mode!r} needs a Caprese adapter; the model has none (use mode='dense').")
+        active = {layer._active() for layer in layers} - {None}
+        if len(active) != 1:
+            raise ValueError(f"mode={self.mode!r} needs one active Caprese adapter, found {sorted(active) or 'none'}.")
+        (adapter,) = active
+        config = getattr(self.model, "peft_config", {}).get(adapter)
+        if getattr(config, "reselect_every", None) is not None:
+            raise ValueError(
+                f"Adapter {adapter!r} reselects every {config.reselect_every} tokens, which the lean decode step "
+                "does not do; use model.generate(...) for it."
+            )
+        return adapter
+
+    def _feed_forward(self, index: int) -> nn.Module:
+        layer = self.layers[index]
+        mlp = self.hf_model.model.layers[index].mlp
+        if self.mode == "dense" or layer is None or layer._active() is None:
+            return DenseFF(mlp.base_layer if layer is not None else mlp)
+        kind = _kind(layer, self.adapter)
+        if kind is None:
+            name = layer.caprese_backbone[self.adapter].name
+            raise ValueError(f"Layer {index}: the lean step runs GRIFFIN and CATS backbones, not {name!r}.")
+        biased = [p for p in ("gate_proj", "up_proj", "down_proj") if getattr(mlp.base_layer, p).bias is not None]
+        if biased:
+            raise ValueError(f"Layer {index}: {', '.join(biased)} have biases, which merged decode leaves out.")
+        low_rank = self.mode == "caprese"
+        if kind == "griffin":
+            return GriffinFF(layer, self.adapter, low_rank)
+        return CatsFF(layer, self.adapter, low_rank, self.use_kernels)
+
+    def _build(self, batch: int, max_seq_len: int) -> None:
+        """The lean step and its buffers for ``batch`` x ``max_seq_len``; reuses what still fits."""
+        if self.lean is None:
+            ffs = [self._feed_forward(i) for i in range(len(self.layers))]
+            self.lean = LeanDecoder(self.hf_model, ffs).eval()
+        if (self.lean.batch_size, self.lean.max_seq_len) != (batch, max_seq_len):
+            self.lean.allocate(batch, max_seq_len)
+            self._step = None  # new buffers: compile or capture again
+        if self._step is None:
+            if callable(self.compile):
+                self._step = self.compile(_greedy_step)
+            elif self.compile in ("none", "cudagraph"):
+                self._step = _greedy_step  # cudagraph: captured at the first decode step
+            else:
+                self._step = torch.compile(_greedy_step, mode=self.compile, fullgraph=True)
+
+    # ---- the decode loop ----
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the prompt densely through the model; logits ``(B, V)`` fp32 of its last position.
+
+        ``input_ids`` ``(B, P)`` left-padded, ``attention_mask`` ``(B, P)`` (default all ones). Afterwards
+        ``decode_one_token`` continues these sequences.
+        """
+        input_ids, attention_mask = _check_prompt(input_ids, attention_mask, self.device)
+        batch, width = input_ids.shape
+        max_seq_len = self.max_seq_len or width + 1
+        if width >= max_seq_len:
+            raise ValueError(f"The prompt has {width} positions; max_seq_len={max_seq_len} leaves none to generate.")
+        # positions count real tokens only, as generate computes them for left-padded prompts
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+        disabled = self.model.disable_adapter() if self.mode == "dense" and self._has_adapter() else None
+        with disabled or contextlib.nullcontext():
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        cache = out["cache"] if "cache" in out else out["past_key_values"]  # transformers 5.24 renamed it
+        last_logits = out.logits[:, -1].float()  # as generate takes them
+        if self.mode != "dense":
+            self._check_statistics()
+        self._build(batch, max_seq_len)
+        self.lean.load_prompt(cache, attention_mask)
+        self._slot = torch.full((1,), width, device=self.device, dtype=torch.long)
+        self._slot_host = width  # the same, on the host: checking it needs no device sync
+        self._positions = attention_mask.sum(-1)  # (B,) the next token follows the real ones
+        return last_logits
+
+    def _has_adapter(self) -> bool:
+        return any(layer is not None for layer in self.layers)
+
+    def _check_statistics(self) -> None:
+        generation = find_state(self.model).generation
+        for index, layer in enumerate(self.layers):
+            if layer is not None and layer._active() is not None and layer._stats_generation != generation:
+                raise RuntimeError(f"Layer {index} recorded no backbone statistics during the prefill.")
+
+    @torch.no_grad()
+    def decode_one_token(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens (B,)`` (one per sequence) and return the next logits ``(B, V)`` fp32."""
+        return self._advance(tokens)[0].clone()
+
+    def _advance(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.lean is None or self._slot is None:
+            raise RuntimeError("Call prefill(...) before decode_one_token(...).")
+        if tokens.shape != (self.lean.batch_size,):
+            raise ValueError(f"tokens must be ({self.lean.batch_size},), one per sequence; got {tuple(tokens.shape)}.")
+        slot = int(self._slot_host)
+        if slot >= self.lean.max_seq_len:
+            raise ValueError(f"The static cache holds {self.lean.max_seq_len} positions and is full.")
+        if self.compile == "cudagraph" and not isinstance(self._step, _CudaGraphStep):
+            self._step = _CudaGraphStep(self.lean, tokens, self._slot, self._positions)
+        if self.compile in ("reduce-overhead", "max-autotune"):
+            torch.compiler.cudagraph_mark_step_begin()
+        logits, next_tokens = self._step(self.lean, tokens, self._slot, self._positions)
+        self._slot = self._slot + 1
+        self._slot_host += 1
+        self._positions = self._positions + 1
+        return logits, next_tokens
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        ignore_eos: bool = False,
+    ) -> torch.Tensor:
+        """Greedy sequences ``(B, P + n)``, as ``model.generate(..., do_sample=False)`` returns them.
+
+        A sequence that emits an ``eos_token_id`` (default: the model's generation config) continues with
+        ``pad_token_id`` (default: the config's, else the first EOS id); generation stops when every sequence
+        has ended or after ``max_new_tokens``. ``ignore_eos=True`` always generates ``max_new_tokens`` and never
+        waits on the device between steps (benchmarks).
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+        if self.max_seq_len is None:
+            needed = input_ids.shape[1] + max_new_tokens
+            if self.lean is None or self.lean.max_seq_len < needed:
+                self.max_seq_len = needed
+        elif input_ids.shape[1] + max_new_tokens > self.max_seq_len:
+            raise ValueError(
+                f"{input_ids.shape[1]} prompt positions + {max_new_tokens} new tokens exceed max_seq_len="
+                f"{self.max_seq_len}."
+            )
+        generation_config = getattr(self.hf_model, "generation_config", None)
+        if eos_token_id is None and not ignore_eos:
+            eos_token_id = getattr(generation_config, "eos_token_id", None)
+        eos = None if ignore_eos else _token_set(eos_token_id, self.device)
+        if eos is not None and pad_token_id is None:
+            pad_token_id = getattr(generation_config, "pad_token_id", None)
+            pad_token_id = int(eos[0]) if pad_token_id is None else pad_token_id
+        tokens = self.prefill(input_ids, attention_mask).argmax(dim=-1)  # (B,)
+        generated = [tokens]
+        unfinished = None if eos is None else ~torch.isin(tokens, eos)
+        for _ in range(max_new_tokens - 1):
+            if unfinished is not None and not bool(unfinished.any()):
+                break
+            _, next_tokens = self._advance(tokens)
+            tokens = next_tokens.clone()  # the graph's output buffer is overwritten by the next replay
+            if unfinished is not None:
+                tokens = torch.where(unfinished, tokens, pad_token_id)
+                unfinished &= ~torch.isin(tokens, eos)
+            generated.append(tokens)
+        return torch.cat([input_ids.to(self.device), torch.stack(generated, dim=1)], dim=1)
+
+
+def _kind(layer: CapreseLayer, adapter: str) -> str | None:
+    backbone = layer.caprese_backbone[adapter]
+    return "griffin" if isinstance(backbone, Griffin) else "cats" if isinstance(backbone, Cats) else None
+
+
+def _token_set(eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor | None:
+    if eos_token_id is None:
+        return None
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not ids or not all(isinstance(i, int) for i in ids):
+        raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}.")
+    return torch.tensor(ids, device=device)
+
+
+def _check_prompt(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(
+            f"input_ids must be (batch, prompt length) with at least one token, got {tuple(input_ids.shape)}."
+        )
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}."
+        )
+    mask = attention_mask.to(device=device, dtype=torch.long)
+    if bool((mask[:, 1:] < mask[:, :-1]).any()) or bool((mask[:, -1] == 0).any()):
+        raise ValueError(
+            "Prompts must be left-padded (padding first, then the tokens): set tokenizer.padding_side='left'."
+        )
+    return input_ids.to(device), mask

@@ -1,0 +1,361 @@
+"""A lean decode step for Llama-family decoders: one token per sequence, fused weights, a static KV cache.
+
+gpt-fast style (pytorch-labs/gpt-fast ``model.py``): the step reads the weights of a transformers model (fusing
+q/k/v and gate/up into single GEMVs), keeps keys and values in preallocated buffers, and does nothing a decode
+step does not need, so ``torch.compile(mode="reduce-overhead")`` turns it into one CUDA graph. Its reference
+is the transformers model itself: for the same prompt it computes the same logits as a decode step of
+``generate``, up to the order of floating-point sums. The feed-forward block of each layer is a module of its
+own: dense, GRIFFIN on merged per-sequence weights, or CATS through ``kernels.cats_ff``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layer import CapreseLayer
+from ..merged import cats_merged_ff, griffin_merged_weights, keep_indices
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # inv_freq fixed at init: a table serves all steps
+
+
+def architecture_problem(config: Any, max_seq_len: int | None = None) -> str | None:
+    """Why the lean step cannot decode a model with this (text) ``config``, or None when it can."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model_type {model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in _STATIC_ROPE_TYPES:
+        return f"rope_type {rope_type!r} changes with the sequence length (supported: {_STATIC_ROPE_TYPES})"
+    window = getattr(config, "sliding_window", None)
+    slides = model_type == "mistral" or getattr(config, "use_sliding_window", False)
+    if slides and window is not None and (max_seq_len is None or window < max_seq_len):
+        return f"sliding-window attention (window {window}) is not implemented"
+    if getattr(config, "pretraining_tp", 1) != 1:
+        return "pretraining_tp > 1 is not supported"
+    return None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as transformers' Llama family computes it: in fp32, scaled after casting back."""
+    h = x.float()
+    h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x (B, heads, 1, hd)`` with ``cos, sin (B, 1, 1, hd)`` (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def _alias(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
+
+
+def _static(t: torch.Tensor) -> torch.Tensor:
+    # CUDA graphs replay with fixed addresses: these tensors are never copied into graph-owned buffers
+    torch._dynamo.mark_static_address(t)
+    return t
+
+
+def _store(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Set buffer ``name`` to ``value`` (a tensor nothing else holds), in place when the shape allows.
+
+    In place keeps the addresses a captured CUDA graph reads.
+    """
+    current = getattr(module, name)
+    if current is not None and current.shape == value.shape and current.dtype == value.dtype:
+        current.copy_(value)
+    else:
+        setattr(module, name, _static(value.contiguous()))
+
+
+class DenseFF(nn.Module):
+    """The unmodified gated MLP, gate and up fused into one ``(2F, D)`` GEMV (a copy of those two weights)."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.act = mlp.act_fn
+        self.ff_size = mlp.gate_proj.out_features
+        with torch.no_grad():
+            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])  # (2F, D)
+            biases = (mlp.gate_proj.bias, mlp.up_proj.bias)
+            bias = None if biases[0] is None else torch.cat(biases)
+        self.register_buffer("gate_up", _static(gate_up), persistent=False)
+        self.register_buffer("gate_up_bias", bias, persistent=False)
+        self.register_buffer("down", _static(mlp.down_proj.weight.detach()), persistent=False)
+        self.register_buffer("down_bias", _alias(mlp.down_proj.bias), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up, self.gate_up_bias).split(self.ff_size, dim=-1)  # (B, 1, F) each
+        return F.linear(self.act(gate) * up, self.down, self.down_bias)
+
+    def weight_bytes(self, batch: int) -> int:
+        """Bytes of weights one decode step reads."""
+        return self.gate_up.nbytes + self.down.nbytes
+
+
+class GriffinFF(nn.Module):
+    """GRIFFIN (+ low rank) on per-sequence merged weights (appendix D), gate and up fused: two batched GEMVs.
+
+    ``load`` materialises the weights of the current prompt batch into static buffers; reference:
+    ``caprese_peft.merged.griffin_merged_ff``.
+    """
+
+    def __init__(self, layer: CapreseLayer, adapter: str, low_rank: bool) -> None:
+        super().__init__()
+        object.__setattr__(self, "layer", layer)  # not a submodule: the lean step never runs it
+        self.adapter = adapter
+        self.low_rank = low_rank
+        self.act = layer.base_layer.act_fn
+        self.kept = 0  # k, set by load
+        self.register_buffer("gate_up", None, persistent=False)  # (B, 2k + r, D): Wg rows, W1 rows, L^T
+        self.register_buffer("down", None, persistent=False)  # (B, D, k + r): W2 columns, R^T
+
+    def load(self) -> None:
+        """Build this prompt batch's merged weights from the layer's statistics, in place where shapes allow."""
+        gate_w, up_w, down_w, left, right = self.layer._decode_tensors(self.adapter)
+        if not self.low_rank:
+            left, right = left[:, :0], right[:0]
+        with torch.no_grad():
+            merged = griffin_merged_weights(gate_w, up_w, down_w, left, right, keep_indices(self.layer._stats.keep))
+            self.kept = merged.gate.shape[1]
+            _store(self, "gate_up", torch.cat([merged.gate, merged.up], dim=1))  # (B, 2k + r, D)
+            _store(self, "down", merged.down)  # (B, D, k + r)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.kept
+        h = torch.bmm(x, self.gate_up.transpose(1, 2))  # (B, 1, 2k + r)
+        # the r low-rank neurons have their gate fixed to 1: x @ L goes through unscaled
+        z = torch.cat([self.act(h[..., :k]) * h[..., k : 2 * k], h[..., 2 * k :]], dim=-1)  # (B, 1, k + r)
+        return torch.bmm(z, self.down.transpose(1, 2))  # (B, 1, D)
+
+    def weight_bytes(self, batch: int) -> int:
+        return self.gate_up.nbytes + self.down.nbytes  # every sequence reads its own pruned copy
+
+
+class CatsFF(nn.Module):
+    """CATS (+ low rank) through ``kernels.cats_ff``: the Triton op on CUDA where it applies, its reference else.
+
+    An activation the kernel does not know runs ``cats_merged_ff`` in torch (reading every weight).
+    """
+
+    def __init__(self, layer: CapreseLayer, adapter: str, low_rank: bool, use_kernels: bool | None) -> None:
+        super().__init__()
+        from kernels import cats_ff
+
+        object.__setattr__(self, "layer", layer)
+        self.adapter = adapter
+        self.activation = layer.kernel_activation()
+        self.use_kernels = use_kernels
+        if self.activation is None and use_kernels:
+            raise ValueError(
+                f"use_kernels=True, but the CATS kernel knows silu and gelu_tanh and {layer.base_layer.act_fn!r} "
+                "is neither."
+            )
+        weights = layer.cats_decode_weights(adapter, low_rank=low_rank)  # shared with the layer's merged decode
+        for tensor in (weights.gate, weights.up, weights.down_t):
+            _static(tensor)
+        object.__setattr__(self, "weights", weights)
+        object.__setattr__(self, "_cats_ff", cats_ff)
+        self.register_buffer("threshold", None, persistent=False)  # (B,) fp32
+
+    def load(self) -> None:
+        """Take this prompt batch's thresholds from the layer's statistics."""
+        with torch.no_grad():
+            _store(self, "threshold", self.layer._stats.threshold.reshape(-1).float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation is None:
+            act = self.layer.base_layer.act_fn
+            return cats_merged_ff(x, *self.weights.reference_args(), self.threshold.view(-1, 1, 1), act)
+        out = self._cats_ff(x[:, 0], self.weights, self.threshold, self.activation, use_kernels=self.use_kernels)
+        return out[:, None]  # (B, 1, D)
+
+    def weight_bytes(self, batch: int, density: float | None = None) -> int:
+        """Bytes a step reads: the whole gate, then up and down rows of ``density`` of the neurons plus the ``r``.
+
+        Nominal: at batch > 1 the kernel reads the rows of neurons any sequence keeps, more than ``density``.
+        """
+        w = self.weights
+        density = self.layer.caprese_backbone[self.adapter].density if density is None else density
+        rows = density * w.intermediate_size + w.rank
+        return w.gate.nbytes + round(rows * (w.up.nbytes + w.down_t.nbytes) / w.up.shape[0])
+
+
+class Attention(nn.Module):
+    """Self-attention of one decode token over a static KV cache; q/k/v fused into one GEMV."""
+
+    def __init__(self, attn: nn.Module, config: Any) -> None:
+        super().__init__()
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        with torch.no_grad():
+            qkv = torch.cat([p.weight for p in projections])  # ((H + 2 Hkv) hd, D)
+            bias = None if attn.q_proj.bias is None else torch.cat([p.bias for p in projections])
+        self.register_buffer("qkv", _static(qkv), persistent=False)
+        self.register_buffer("qkv_bias", bias, persistent=False)
+        self.register_buffer("o", _static(attn.o_proj.weight.detach()), persistent=False)
+        self.register_buffer("o_bias", _alias(attn.o_proj.bias), persistent=False)
+        # Qwen3 normalises each head's query and key before the rotary embedding
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        self.register_buffer("q_norm", _alias(getattr(q_norm, "weight", None)), persistent=False)
+        self.register_buffer("k_norm", _alias(getattr(k_norm, "weight", None)), persistent=False)
+        self.qk_eps = getattr(q_norm, "variance_epsilon", 0.0)
+        self.register_buffer("k_cache", None, persistent=False)  # (B, Hkv, S, hd)
+        self.register_buffer("v_cache", None, persistent=False)
+
+    def allocate(self, batch: int, max_seq_len: int) -> None:
+        shape = (batch, self.kv_heads, max_seq_len, self.head_dim)
+        self.k_cache = _static(torch.zeros(shape, device=self.qkv.device, dtype=self.qkv.dtype))
+        self.v_cache = _static(torch.zeros(shape, device=self.qkv.device, dtype=self.qkv.dtype))
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot: torch.Tensor, visible: torch.Tensor
+    ) -> torch.Tensor:
+        batch = x.shape[0]
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q, k, v = F.linear(x, self.qkv, self.qkv_bias).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(batch, 1, self.heads, self.head_dim)
+        k = k.view(batch, 1, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = rms_norm(q, self.q_norm, self.qk_eps), rms_norm(k, self.k_norm, self.qk_eps)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, 1, hd)
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, Hkv, 1, hd)
+        v = v.view(batch, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+        self.k_cache.index_copy_(2, slot, k)
+        self.v_cache.index_copy_(2, slot, v)
+        # query heads grouped by the key/value head they share (transformers' repeat_kv order), so the cache is
+        # read once per KV head rather than copied per query head
+        q = q.reshape(batch, self.kv_heads, self.heads // self.kv_heads, self.head_dim)  # (B, Hkv, G, hd)
+        scores = torch.matmul(q, self.k_cache.transpose(2, 3)) * self.scaling  # (B, Hkv, G, S)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(probs, self.v_cache).reshape(batch, 1, self.heads * self.head_dim)
+        return F.linear(out, self.o, self.o_bias)
+
+    def weight_bytes(self) -> int:
+        return self.qkv.nbytes + self.o.nbytes
+
+    def cache_bytes(self) -> int:
+        return self.k_cache.nbytes + self.v_cache.nbytes
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, hf_layer: nn.Module, config: Any, ff: nn.Module) -> None:
+        super().__init__()
+        self.attn = Attention(hf_layer.self_attn, config)
+        self.ff = ff
+        self.register_buffer("attn_norm", hf_layer.input_layernorm.weight.detach(), persistent=False)
+        self.register_buffer("ff_norm", hf_layer.post_attention_layernorm.weight.detach(), persistent=False)
+        self.eps = hf_layer.input_layernorm.variance_epsilon
+
+    def forward(self, h, cos, sin, slot, visible) -> torch.Tensor:
+        h = h + self.attn(rms_norm(h, self.attn_norm, self.eps), cos, sin, slot, visible)
+        return h + self.ff(rms_norm(h, self.ff_norm, self.eps))
+
+
+class LeanDecoder(nn.Module):
+    """The decode step of a Llama-family transformers causal LM, with the FF blocks given per layer.
+
+    Call ``allocate`` for a batch size and cache length, ``load_prompt`` with the prefill's KV cache, then
+    ``forward(tokens, slot, positions)`` once per generated token.
+    """
+
+    def __init__(self, model: nn.Module, ffs: list[nn.Module]) -> None:
+        super().__init__()
+        config = model.config
+        decoder = model.model
+        if len(ffs) != len(decoder.layers):
+            raise ValueError(f"Got {len(ffs)} FF blocks for {len(decoder.layers)} layers.")
+        self.layers = nn.ModuleList(DecoderLayer(layer, config, ff) for layer, ff in zip(decoder.layers, ffs))
+        self.register_buffer("embed", model.get_input_embeddings().weight.detach(), persistent=False)
+        self.register_buffer("norm", decoder.norm.weight.detach(), persistent=False)
+        self.register_buffer("lm_head", _static(model.get_output_embeddings().weight.detach()), persistent=False)
+        self.eps = decoder.norm.variance_epsilon
+        object.__setattr__(self, "_rotary", decoder.rotary_emb)
+        for name in ("cos", "sin", "prompt_visible", "prompt_width", "key_slots"):
+            self.register_buffer(name, None, persistent=False)
+        self.batch_size = self.max_seq_len = 0
+
+    def allocate(self, batch: int, max_seq_len: int) -> None:
+        """(Re)allocate the static buffers: KV caches, rotary tables and masks for ``batch`` x ``max_seq_len``."""
+        device, dtype = self.embed.device, self.embed.dtype
+        with torch.no_grad():
+            positions = torch.arange(max_seq_len, device=device)
+            probe = torch.zeros(1, device=device, dtype=dtype)
+            cos, sin = self._rotary(probe, positions[None])  # (1, S, hd), as transformers computes them
+        self.cos, self.sin = _static(cos[0].contiguous()), _static(sin[0].contiguous())
+        self.key_slots = _static(positions)
+        self.prompt_visible = _static(torch.zeros(batch, max_seq_len, device=device, dtype=torch.bool))
+        self.prompt_width = _static(torch.zeros(1, device=device, dtype=torch.long))
+        for layer in self.layers:
+            layer.attn.allocate(batch, max_seq_len)
+        self.batch_size, self.max_seq_len = batch, max_seq_len
+
+    def load_prompt(self, cache: Any, attention_mask: torch.Tensor) -> None:
+        """Copy the prefill's KV cache into the static buffers and load the FF blocks for this prompt batch."""
+        batch, width = attention_mask.shape
+        if batch != self.batch_size or width >= self.max_seq_len:
+            raise ValueError(
+                f"A prompt batch of shape {(batch, width)} does not fit buffers allocated for batch {self.batch_size} "
+                f"and {self.max_seq_len} positions (the prompt plus at least one generated token)."
+            )
+        with torch.no_grad():
+            for index, layer in enumerate(self.layers):
+                keys, values = cache_layer(cache, index)  # (B, Hkv, P, hd)
+                layer.attn.k_cache[:, :, :width].copy_(keys)
+                layer.attn.v_cache[:, :, :width].copy_(values)
+                if hasattr(layer.ff, "load"):
+                    layer.ff.load()
+            self.prompt_visible.zero_()
+            self.prompt_visible[:, :width].copy_(attention_mask.bool())
+            self.prompt_width.fill_(width)
+
+    def forward(self, tokens: torch.Tensor, slot: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, V)`` in fp32 of one token per sequence: ``tokens (B,)`` written at cache ``slot (1,)``.
+
+        ``positions (B,)`` are the rotary positions (the number of real tokens before this one in each row).
+        """
+        h = F.embedding(tokens, self.embed)[:, None]  # (B, 1, D)
+        cos, sin = self.cos[positions][:, None, None], self.sin[positions][:, None, None]  # (B, 1, 1, hd)
+        # a key is visible if it is a real prompt token or a generated token up to this one
+        generated = (self.key_slots >= self.prompt_width) & (self.key_slots <= slot)  # (S,)
+        visible = (self.prompt_visible | generated)[:, None, None]  # (B, 1, 1, S)
+        for layer in self.layers:
+            h = layer(h, cos, sin, slot, visible)
+        return F.linear(rms_norm(h[:, 0], self.norm, self.eps), self.lm_head).float()
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights one step reads (the embedding table only one row per sequence)."""
+        total = self.lm_head.nbytes + self.norm.nbytes
+        for layer in self.layers:
+            total += layer.attn.weight_bytes() + layer.ff.weight_bytes(self.batch_size)
+            total += layer.attn_norm.nbytes + layer.ff_norm.nbytes
+        return total
+
+    def cache_bytes(self) -> int:
+        """Bytes of KV cache one step reads: the whole static cache (unused slots are masked, not skipped)."""
+        return sum(layer.attn.cache_bytes() for layer in self.layers)
+
+
+def cache_layer(cache: Any, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keys, values)`` of layer ``index`` of a transformers KV cache, across the cache layouts of 4.x and 5.x."""
+    if hasattr(cache, "layers"):
+        layer = cache.layers[index]
+        return layer.keys, layer.values
+    if hasattr(cache, "key_cache"):
+        return cache.key_cache[index], cache.value_cache[index]
+    if isinstance(cache, (tuple, list)):
+        return cache[index][0], cache[index][1]
+    raise TypeError(f"Cannot read keys and values from a KV cache of type {type(cache).__name__}.")

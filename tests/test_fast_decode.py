@@ -1,0 +1,207 @@
+"""FastDecoder (dense prefill + lean static-cache decode step) gives the greedy output of ``model.generate``."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from caprese_peft import CapreseConfig, decode_impl
+from caprese_peft.fast_decode import FastDecoder
+
+from conftest import greedy, random_prompts, tiny_model
+
+LEAN_ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3"]
+NEW_TOKENS = 8
+CASES = {  # name: (adapter options or None for the plain model, FastDecoder mode)
+    "plain-dense": (None, "dense"),
+    "griffin-caprese": (dict(backbone="griffin", layers_to_transform=[0, 1]), "caprese"),
+    "griffin-backbone": (dict(backbone="griffin", layers_to_transform=[0, 1]), "backbone"),
+    "cats-caprese": (dict(backbone="cats"), "caprese"),
+    "cats-backbone": (dict(backbone="cats", density=0.4, layers_to_transform=[1, 2, 3]), "backbone"),
+    "adapter-disabled": (dict(backbone="cats"), "dense"),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: a second thread only adds contention
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(arch: str, options: dict | None):
+    model = tiny_model(arch)
+    if options is None:
+        return model
+    return get_peft_model(model, CapreseConfig(**{"density": 0.5, "r": 8, "init_weights": False, **options}))
+
+
+def reference_generate(model, mode: str, ids, mask, new_tokens: int = NEW_TOKENS, **kwargs) -> torch.Tensor:
+    """``generate`` on the reference decode path; backbone mode is the same adapter with ``R`` zeroed."""
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, **kwargs)
+    if not hasattr(model, "peft_config"):
+        return model.generate(**kwargs)
+    model = copy.deepcopy(model)
+    if mode == "backbone":
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "caprese_R" in name:
+                    param.zero_()
+    with decode_impl(model, "reference"):
+        if mode == "dense":
+            with model.disable_adapter():
+                return model.generate(**kwargs)
+        return model.generate(**kwargs)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("arch", LEAN_ARCHITECTURES)
+def test_greedy_output_equals_generate(arch, case):
+    options, mode = CASES[case]
+    model = build(arch, options)
+    ids, mask = random_prompts([7, 3, 9])
+    want = reference_generate(model, mode, ids, mask)
+    got = FastDecoder(model, mode=mode).generate(ids, mask, max_new_tokens=NEW_TOKENS)
+    assert torch.equal(got, want)
+
+
+def test_sparse_modes_change_the_output():
+    """Otherwise the equality above would not tell the modes apart."""
+    model = build("llama", dict(backbone="cats", density=0.3))
+    ids, mask = random_prompts([7, 3, 9])
+    outputs = {mode: FastDecoder(model, mode=mode).generate(ids, mask, max_new_tokens=NEW_TOKENS) for mode in
+               ("dense", "backbone", "caprese")}  # fmt: skip
+    assert not torch.equal(outputs["dense"], outputs["backbone"])
+    assert not torch.equal(outputs["backbone"], outputs["caprese"])
+
+
+def test_eos_ends_rows_with_padding_as_generate_does():
+    model = build("qwen2", dict(backbone="griffin"))
+    ids, mask = random_prompts([6, 9, 4])
+    free = FastDecoder(model).generate(ids, mask, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    eos = int(free[1, ids.shape[1] + 2])  # row 1 stops after its third token; the others may run on
+    want = reference_generate(model, "caprese", ids, mask, eos_token_id=eos, pad_token_id=0)
+    got = FastDecoder(model).generate(ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got, want)
+    assert (got[1, ids.shape[1] + 3 :] == 0).all()
+    # a sequence of EOS everywhere ends at once
+    first = [int(t) for t in free[:, ids.shape[1]]]
+    short = FastDecoder(model).generate(ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=first)
+    assert short.shape[1] == ids.shape[1] + 1
+
+
+def test_prefill_and_decode_one_token_give_the_logits_of_generate():
+    model = build("mistral", dict(backbone="cats"))
+    ids, mask = random_prompts([5, 8])
+    with decode_impl(model, "reference"):
+        sequences, logits = greedy(model, ids, mask, 4)
+    decoder = FastDecoder(model, max_seq_len=32)
+    got = [decoder.prefill(ids, mask)]
+    for step in range(3):
+        got.append(decoder.decode_one_token(sequences[:, ids.shape[1] + step]))
+    torch.testing.assert_close(torch.stack(got, dim=1), logits, rtol=1e-4, atol=1e-4)
+
+
+def test_buffers_are_reused_across_prompt_batches_of_one_shape():
+    model = build("llama", dict(backbone="griffin"))
+    decoder = FastDecoder(model, max_seq_len=24)
+    first_ids, first_mask = random_prompts([7, 3, 9], seed=1)
+    decoder.generate(first_ids, first_mask, max_new_tokens=NEW_TOKENS)
+    lean, cache_ptr = decoder.lean, decoder.lean.layers[0].attn.k_cache.data_ptr()
+    weights_ptr = decoder.lean.layers[0].ff.gate_up.data_ptr()
+    ids, mask = random_prompts([9, 5, 2], seed=2)
+    got = decoder.generate(ids, mask, max_new_tokens=NEW_TOKENS)
+    assert torch.equal(got, reference_generate(model, "caprese", ids, mask))
+    assert decoder.lean is lean and lean.layers[0].attn.k_cache.data_ptr() == cache_ptr
+    assert lean.layers[0].ff.gate_up.data_ptr() == weights_ptr  # a captured CUDA graph stays valid
+    # another batch size reallocates
+    ids, mask = random_prompts([4, 6], seed=3)
+    assert torch.equal(
+        decoder.generate(ids, mask, max_new_tokens=4), reference_generate(model, "caprese", ids, mask, 4)
+    )
+
+
+@pytest.mark.parametrize(
+    "options", [None, dict(backbone="griffin", layers_to_transform=[0, 2]), dict(backbone="cats")]
+)
+def test_decode_step_compiles_as_one_graph(options):
+    """No graph breaks: the condition for capturing the whole step in one CUDA graph on a GPU."""
+    torch._dynamo.reset()
+    model = build("qwen3", options)
+    ids, mask = random_prompts([7, 3])
+    eager = FastDecoder(model).generate(ids, mask, max_new_tokens=4)
+    compiled = FastDecoder(model, compile=lambda f: torch.compile(f, backend="eager", fullgraph=True))
+    assert torch.equal(compiled.generate(ids, mask, max_new_tokens=4), eager)
+
+
+def test_weight_bytes_count_what_a_step_reads():
+    model = build("llama", dict(backbone="griffin", density=0.5, layers_to_transform=[0, 1]))
+    ids, mask = random_prompts([5])
+    dense = FastDecoder(model, mode="dense")
+    dense.generate(ids, mask, max_new_tokens=2)
+    base = model.get_base_model()
+    everything = sum(p.nbytes for n, p in base.named_parameters() if "caprese" not in n)
+    assert dense.lean.weight_bytes() == everything - base.get_input_embeddings().weight.nbytes
+    sparse = FastDecoder(model, mode="caprese")
+    sparse.generate(ids, mask, max_new_tokens=2)
+    config = base.config
+    k, r = round(0.5 * config.intermediate_size), 8
+    saved = 2 * 3 * config.hidden_size * (config.intermediate_size - k) - 2 * 2 * config.hidden_size * r
+    assert dense.lean.weight_bytes() - sparse.lean.weight_bytes() == saved * 4  # fp32
+
+
+def test_bad_input_fails_early_with_a_reason():
+    with pytest.raises(ValueError, match="model_type 'gemma2'"):
+        FastDecoder(tiny_model("gemma2"), mode="dense")
+    with pytest.raises(ValueError, match="mode must be None or one of"):
+        FastDecoder(tiny_model("llama"), mode="sparse")
+    with pytest.raises(ValueError, match="needs a Caprese adapter"):
+        FastDecoder(tiny_model("llama"), mode="caprese")
+    with pytest.raises(ValueError, match="reselects every 4 tokens"):
+        FastDecoder(build("llama", dict(backbone="griffin", reselect_every=4)))
+    with pytest.raises(ValueError, match="sliding-window"):
+        FastDecoder(tiny_model("mistral", sliding_window=8), mode="dense", max_seq_len=64)
+    with pytest.raises(ValueError, match="compile must be"):
+        FastDecoder(tiny_model("llama"), mode="dense", compile="fast")
+    decoder = FastDecoder(build("llama", dict(backbone="cats")))
+    with pytest.raises(RuntimeError, match="Call prefill"):
+        decoder.decode_one_token(torch.zeros(2, dtype=torch.long))
+    ids, mask = random_prompts([4, 6])
+    with pytest.raises(ValueError, match="left-padded"):
+        decoder.prefill(ids, mask.flip(-1))
+    with pytest.raises(ValueError, match="exceed max_seq_len"):
+        FastDecoder(tiny_model("llama"), mode="dense", max_seq_len=8).generate(ids, mask, max_new_tokens=4)
+
+
+@pytest.mark.kernels
+def test_cats_kernel_in_the_lean_step():
+    kernels = pytest.importorskip("kernels", reason="needs triton")
+    if not (torch.cuda.is_available() or kernels.INTERPRET):
+        pytest.skip("kernels was imported without TRITON_INTERPRET=1; run this file in a fresh process")
+    model = build("llama", dict(backbone="cats", layers_to_transform=[1, 2]))
+    ids, mask = random_prompts([6, 4])
+    want = reference_generate(model, "caprese", ids, mask, 4)
+    got = FastDecoder(model, use_kernels=True).generate(ids, mask, max_new_tokens=4)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", ["reduce-overhead", "cudagraph"])
+@pytest.mark.parametrize("case", ["plain-dense", "griffin-caprese", "cats-caprese"])
+def test_graph_captured_decode_on_gpu_equals_generate(case, compile):
+    """CUDA graphs (compiled or captured eagerly) and, for CATS, the Triton op inside them; fp32 without TF32."""
+    torch._dynamo.reset()
+    options, mode = CASES[case]
+    model = build("llama", options).cuda()
+    ids, mask = (t.cuda() for t in random_prompts([7, 3, 9]))
+    want = reference_generate(model, mode, ids, mask)
+    decoder = FastDecoder(model, mode=mode, compile=compile)
+    assert torch.equal(decoder.generate(ids, mask, max_new_tokens=NEW_TOKENS), want)
+    ids, mask = (t.cuda() for t in random_prompts([5, 8, 2], seed=4))  # the same graph, another prompt batch
+    assert torch.equal(
+        decoder.generate(ids, mask, max_new_tokens=NEW_TOKENS), reference_generate(model, mode, ids, mask)
+    )
