@@ -125,6 +125,20 @@ def griffin_merged_ff(x: torch.Tensor, merged: GriffinMergedWeights, act: Activa
     return z @ merged.down.transpose(1, 2)  # (B, T, D)
 
 
+def griffin_fused_ff(
+    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, kept: int, act: Activation
+) -> torch.Tensor:
+    """``griffin_merged_ff`` with the gate and up rows in one tensor: two batched GEMVs per block.
+
+    ``gate_up`` is ``(B, 2k + r, D)``: ``merged.gate`` then ``merged.up``; ``down`` is ``merged.down``
+    ``(B, D, k + r)``; ``kept`` is ``k``. ``(B, T, D) -> (B, T, D)``.
+    """
+    h = x @ gate_up.transpose(1, 2)  # (B, T, 2k + r)
+    # the r low-rank neurons have their gate fixed to 1: their x @ L goes through unscaled
+    z = torch.cat([act(h[..., :kept]) * h[..., kept : 2 * kept], h[..., 2 * kept :]], dim=-1)  # (B, T, k + r)
+    return z @ down.transpose(1, 2)  # (B, T, D)
+
+
 def cats_merged_ff(
     x: torch.Tensor,
     gate_weight: torch.Tensor,

@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from caprese_peft.backbones import Cats, Griffin
-from caprese_peft.merged import cats_merged_ff, griffin_merged_ff, griffin_merged_weights, keep_indices
+from caprese_peft.merged import (
+    cats_merged_ff,
+    griffin_fused_ff,
+    griffin_merged_ff,
+    griffin_merged_weights,
+    keep_indices,
+)
 
 D, FF, R, B = 40, 77, 5, 3
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh")}
@@ -61,6 +67,16 @@ def test_griffin_merged_matches_unmerged(act_name, density):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     dense = unmerged(w["x"], w, torch.ones(FF, dtype=torch.bool), act)
     assert (out - dense).abs().max() > 1e-2, "pruning must change the output, or this test checks nothing"
+
+
+def test_griffin_fused_equals_merged():
+    w = make_block(seed=2)
+    keep_idx = torch.stack([torch.randperm(FF)[:13].sort().values for _ in range(B)])
+    merged = griffin_merged_weights(w["Wg"], w["W1"], w["W2"], w["L"], w["R"], keep_idx)
+    gate_up = torch.cat([merged.gate, merged.up], dim=1)
+    x = torch.randn(B, 2, D, generator=torch.Generator().manual_seed(2))
+    want = griffin_merged_ff(x, merged, F.silu)
+    torch.testing.assert_close(griffin_fused_ff(x, gate_up, merged.down, 13, F.silu), want, rtol=1e-5, atol=1e-5)
 
 
 def test_griffin_merged_weights_layout():

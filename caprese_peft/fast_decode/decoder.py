@@ -220,6 +220,11 @@ class FastDecoder:
         """Feed ``tokens (B,)`` (one per sequence) and return the next logits ``(B, V)`` fp32."""
         return self._advance(tokens)[0].clone()
 
+    @torch.no_grad()
+    def decode_greedy(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens (B,)`` and return the greedy next tokens ``(B,)``, without waiting on the device."""
+        return self._advance(tokens)[1].clone()  # the graph's output buffer is overwritten by the next replay
+
     def _advance(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.lean is None or self._slot is None:
             raise RuntimeError("Call prefill(...) before decode_one_token(...).")
@@ -280,8 +285,7 @@ class FastDecoder:
         for _ in range(max_new_tokens - 1):
             if unfinished is not None and not bool(unfinished.any()):
                 break
-            _, next_tokens = self._advance(tokens)
-            tokens = next_tokens.clone()  # the graph's output buffer is overwritten by the next replay
+            tokens = self.decode_greedy(tokens)
             if unfinished is not None:
                 tokens = torch.where(unfinished, tokens, pad_token_id)
                 unfinished &= ~torch.isin(tokens, eos)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layer import CapreseLayer
-from ..merged import cats_merged_ff, griffin_merged_weights, keep_indices
+from ..merged import cats_merged_ff, griffin_fused_ff, griffin_merged_weights, keep_indices
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # inv_freq fixed at init: a table serves all steps
@@ -105,8 +105,8 @@ class DenseFF(nn.Module):
 class GriffinFF(nn.Module):
     """GRIFFIN (+ low rank) on per-sequence merged weights (appendix D), gate and up fused: two batched GEMVs.
 
-    ``load`` materialises the weights of the current prompt batch into static buffers; reference:
-    ``caprese_peft.merged.griffin_merged_ff``.
+    ``load`` materialises the weights of the current prompt batch into static buffers; the step is
+    ``caprese_peft.merged.griffin_fused_ff``, whose reference is ``griffin_merged_ff``.
     """
 
     def __init__(self, layer: CapreseLayer, adapter: str, low_rank: bool) -> None:
@@ -131,11 +131,7 @@ class GriffinFF(nn.Module):
             _store(self, "down", merged.down)  # (B, D, k + r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.kept
-        h = torch.bmm(x, self.gate_up.transpose(1, 2))  # (B, 1, 2k + r)
-        # the r low-rank neurons have their gate fixed to 1: x @ L goes through unscaled
-        z = torch.cat([self.act(h[..., :k]) * h[..., k : 2 * k], h[..., 2 * k :]], dim=-1)  # (B, 1, k + r)
-        return torch.bmm(z, self.down.transpose(1, 2))  # (B, 1, D)
+        return griffin_fused_ff(x, self.gate_up, self.down, self.kept, self.act)
 
     def weight_bytes(self, batch: int) -> int:
         return self.gate_up.nbytes + self.down.nbytes  # every sequence reads its own pruned copy
