@@ -1,25 +1,28 @@
-"""Decode-time cost of one FF block: dense cuBLAS vs CATS (torch reference) vs Caprese(CATS) (Triton op).
+"""Decode-time cost of one FF block: dense cuBLAS vs CATS vs Caprese(CATS) vs GRIFFIN vs Caprese(GRIFFIN).
 
 For the FF shapes of Llama-3.1-8B (D=4096, F=14336) and Qwen2.5-14B (D=5120, F=13824) with random bf16
 weights, at batch 1/4/8 (one token per sequence) and densities 0.3-0.7, prints for each variant the median
 time (``triton.testing.do_bench``, which flushes L2 between runs), the bandwidth achieved on the bytes the
 variant must read, and that bandwidth as a fraction of a measured device-to-device copy. Writes one CSV to
-``benchmarks/results/`` with the GPU name, torch and triton versions and the git commit.
+``benchmarks/results/`` with the GPU name, torch, transformers and triton versions and the git commit.
 
     python benchmarks/bench_ff_kernels.py [--rank 256] [--batches 1 4 8] [--densities 0.3 0.5 0.7]
+    python benchmarks/bench_ff_kernels.py --smoke   # tiny shapes on a CPU (Triton interpreter): proves it runs
 
 Variants: ``dense`` the unmodified block; ``cats_torch`` ``cats_merged_ff`` (reads every weight, as the
 torch decode branch does); ``cats_triton`` the op with no low-rank neurons (plain CATS); ``caprese_triton``
-the op with the rank-r correction appended as always-active neurons. A Triton variant must read the whole
-gate matrix plus the up and down rows of every neuron that at least one sequence of the batch keeps.
+the op with the rank-r correction appended as always-active neurons; ``griffin_merged`` and
+``caprese_griffin`` GRIFFIN's per-sequence pruned weights (r = 0 and r) as ``FastDecoder`` runs them
+(``griffin_fused_ff``: two batched cuBLAS GEMVs). A Triton variant must read the whole gate matrix plus the up
+and down rows of every neuron that at least one sequence of the batch keeps; a GRIFFIN variant reads its
+``3k + 2r`` rows once per sequence.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import platform
-import subprocess
+import os
 import sys
 import time
 from functools import partial
@@ -31,46 +34,18 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(ROOT))
+if "--smoke" in sys.argv[1:] and not torch.cuda.is_available():
+    # the interpreter must be chosen before anything imports triton, and caprese_peft's imports do
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from caprese_peft.merged import cats_merged_ff  # noqa: E402
+from benchmarks.common import RESULTS, copy_bandwidth_gbps, run_metadata, slug, time_ms  # noqa: E402
+from caprese_peft.merged import cats_merged_ff, griffin_fused_ff, griffin_merged_weights  # noqa: E402
 
-try:
-    import triton
-    from triton.testing import do_bench
-
-    from kernels import MAX_BATCH, CatsFFWeights, cats_ff, prepare_cats_weights
-except ImportError as error:  # reported by main(), after the GPU check
-    IMPORT_ERROR: ImportError | None = error
-else:
-    IMPORT_ERROR = None
-
-RESULTS = ROOT / "benchmarks" / "results"
 MODELS = {"llama-3.1-8b": (4096, 14336), "qwen2.5-14b": (5120, 13824)}  # (hidden D, intermediate F)
+SMOKE_MODEL = {"smoke": (64, 176)}
 BF16_BYTES = 2
-QUANTILES = [0.5, 0.2, 0.8]
 # the op accumulates in fp32, cats_merged_ff in bf16; beyond this the kernel is wrong, not imprecise
 MAX_RELATIVE_ERROR = 2e-2
-
-
-def git_commit() -> str:
-    """Short commit of the working tree, with ``-dirty`` when it has uncommitted changes."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        return commit + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def copy_bandwidth_gbps(gib: float = 1.0) -> float:
-    """GB/s of a large device-to-device copy, counting bytes read and written: the practical ceiling."""
-    n = int(gib * 2**30) // BF16_BYTES
-    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    ms = do_bench(partial(dst.copy_, src), warmup=25, rep=200)
-    return 2 * n * BF16_BYTES / (ms * 1e-3) / 1e9
 
 
 def thresholds_for_density(gate_abs: torch.Tensor, density: float) -> torch.Tensor:
@@ -83,20 +58,30 @@ def dense_ff(x: torch.Tensor, gate_w: torch.Tensor, up_w: torch.Tensor, down_w: 
     return F.linear(F.silu(F.linear(x, gate_w)) * F.linear(x, up_w), down_w)
 
 
-def cats_torch(x: torch.Tensor, threshold: torch.Tensor, weights: CatsFFWeights) -> torch.Tensor:
+def cats_torch(x: torch.Tensor, threshold: torch.Tensor, weights) -> torch.Tensor:
     """``cats_merged_ff`` on one token per sequence: ``(B, D) -> (B, 1, D)``."""
     return cats_merged_ff(x[:, None], *weights.reference_args(), threshold.view(-1, 1, 1), F.silu)
 
 
-def bench_model(
-    model: str, args: argparse.Namespace, meta: dict, copy_gbps: float, device: str = "cuda"
-) -> list[dict]:
-    """Rows of the CSV for one model's FF shape; raises RuntimeError if the op disagrees with its reference."""
-    hidden, ff = MODELS[model]
+def griffin_weights(gate_w, up_w, down_w, left, right, batch: int, density: float, seed: int):
+    """``(gate_up (B, 2k + r, D), down (B, D, k + r), k)``: each sequence keeps its own random ``k`` neurons."""
+    ff = gate_w.shape[0]
+    k = max(1, round(density * ff))
+    gen = torch.Generator().manual_seed(seed)
+    keep_idx = torch.stack([torch.randperm(ff, generator=gen)[:k].sort().values for _ in range(batch)])
+    merged = griffin_merged_weights(gate_w, up_w, down_w, left, right, keep_idx.to(gate_w.device))
+    return torch.cat([merged.gate, merged.up], dim=1), merged.down, k
+
+
+def bench_model(model: str, shape: tuple[int, int], args, meta: dict, copy_gbps: float, device: str) -> list[dict]:
+    """Rows of the CSV for one FF shape; raises RuntimeError if the op disagrees with its reference."""
+    from kernels import cats_ff, prepare_cats_weights
+
+    hidden, ff = shape
     rank = args.rank
 
-    def randn(*shape: int, scale: float) -> torch.Tensor:
-        return torch.randn(*shape, device=device, dtype=torch.bfloat16) * scale
+    def randn(*dims: int, scale: float) -> torch.Tensor:
+        return torch.randn(*dims, device=device, dtype=torch.bfloat16) * scale
 
     gate_w, up_w = randn(ff, hidden, scale=hidden**-0.5), randn(ff, hidden, scale=hidden**-0.5)
     down_w = randn(hidden, ff, scale=ff**-0.5)
@@ -104,11 +89,12 @@ def bench_model(
     caprese_w = prepare_cats_weights(gate_w, up_w, down_w, left, right)
     cats_w = prepare_cats_weights(gate_w, up_w, down_w, left[:, :0], right[:0])  # r = 0: CATS alone
     matrix_bytes = ff * hidden * BF16_BYTES
+    timer = partial(time_ms, device=device, reps=args.reps)
     rows = []
     for batch in args.batches:
         x = randn(batch, hidden, scale=1.0)
         io_bytes = 2 * batch * hidden * BF16_BYTES
-        dense_ms = do_bench(partial(dense_ff, x, gate_w, up_w, down_w), quantiles=QUANTILES)
+        dense_ms = timer(partial(dense_ff, x, gate_w, up_w, down_w))
         gate_abs = F.silu(F.linear(x, gate_w)).float().abs()  # (B, F)
         for density in args.densities:
             threshold = thresholds_for_density(gate_abs, density)  # (B,)
@@ -121,14 +107,20 @@ def bench_model(
                     f"the Triton op disagrees with cats_merged_ff ({model}, B={batch}, density={density}): relative "
                     f"error {error:.3g} > {MAX_RELATIVE_ERROR}; not timing a wrong kernel."
                 )
+            griffin = griffin_weights(gate_w, up_w, down_w, left[:, :0], right[:0], batch, density, seed=batch)
+            caprese_griffin = griffin_weights(gate_w, up_w, down_w, left, right, batch, density, seed=batch)
+            k = griffin[2]
+            xs = x[:, None]  # (B, 1, D)
             variants = {  # name: (call, bytes of weights it must read, rank)
                 "dense": (None, 3 * matrix_bytes, 0),
                 "cats_torch": (partial(cats_torch, x, threshold, caprese_w), 3 * matrix_bytes + 2 * hidden * rank * BF16_BYTES, rank),
                 "cats_triton": (partial(cats_ff, x, cats_w, threshold, "silu", use_kernels=True), matrix_bytes + 2 * union * hidden * BF16_BYTES, 0),
                 "caprese_triton": (partial(cats_ff, x, caprese_w, threshold, "silu", use_kernels=True), matrix_bytes + 2 * (union + rank) * hidden * BF16_BYTES, rank),
+                "griffin_merged": (partial(griffin_fused_ff, xs, *griffin[:2], k, F.silu), batch * 3 * k * hidden * BF16_BYTES, 0),
+                "caprese_griffin": (partial(griffin_fused_ff, xs, *caprese_griffin[:2], k, F.silu), batch * (3 * k + 2 * rank) * hidden * BF16_BYTES, rank),
             }  # fmt: skip
             for variant, (fn, weight_bytes, variant_rank) in variants.items():
-                ms, ms_p20, ms_p80 = dense_ms if fn is None else do_bench(fn, quantiles=QUANTILES)
+                ms, ms_p20, ms_p80 = dense_ms if fn is None else timer(fn)
                 nbytes = weight_bytes + io_bytes
                 gbps = nbytes / (ms * 1e-3) / 1e9
                 rows.append(
@@ -157,6 +149,7 @@ def bench_model(
                     f"{model:<14}{batch:>3}{density:>6.2f}{union / ff:>7.2f}  {variant:<16}{ms:>9.4f}"
                     f"{gbps:>8.0f}{gbps / copy_gbps:>9.2f}{dense_ms[0] / ms:>9.2f}x"
                 )
+            del griffin, caprese_griffin
     return rows
 
 
@@ -166,18 +159,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 8])
     parser.add_argument("--densities", nargs="+", type=float, default=[0.3, 0.4, 0.5, 0.6, 0.7])
     parser.add_argument("--rank", type=int, default=256, help="rank r of the low-rank correction (config default)")
+    parser.add_argument("--reps", type=int, default=5, help="timed runs per variant on a CPU (CUDA: do_bench)")
     parser.add_argument("--output", type=Path, default=None, help="CSV path (default: benchmarks/results/...)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny shapes on a CPU under the Triton interpreter: checks the script"
+    )
     args = parser.parse_args(argv)
 
-    if not torch.cuda.is_available():
+    if args.smoke:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        models = SMOKE_MODEL
+        args.batches, args.densities, args.rank, args.reps = [1, 2], [0.5], 8, 1
+    else:
+        if not torch.cuda.is_available():
+            print(
+                "bench_ff_kernels.py times CUDA kernels, but torch.cuda.is_available() is False on this machine "
+                f"(torch {torch.__version__}). Run it on a machine with an NVIDIA GPU, or pass --smoke to check the "
+                "script on a CPU.",
+                file=sys.stderr,
+            )
+            return 2
+        device, models = "cuda", {name: MODELS[name] for name in args.models}
+    try:
+        import kernels  # noqa: F401
+    except ImportError as error:
+        print(f"bench_ff_kernels.py needs triton and the kernels package: {error}", file=sys.stderr)
+        return 2
+    from kernels import INTERPRET, MAX_BATCH
+
+    if device == "cpu" and not INTERPRET:
         print(
-            "bench_ff_kernels.py times CUDA kernels, but torch.cuda.is_available() is False on this machine "
-            f"(torch {torch.__version__}). Run it on a machine with an NVIDIA GPU.",
+            "--smoke on a CPU runs the kernels in Triton's interpreter, but triton was imported before "
+            "TRITON_INTERPRET=1 could be set; run the script as `TRITON_INTERPRET=1 python benchmarks/...`.",
             file=sys.stderr,
         )
-        return 2
-    if IMPORT_ERROR is not None:
-        print(f"bench_ff_kernels.py needs triton and the kernels package: {IMPORT_ERROR}", file=sys.stderr)
         return 2
     if any(not 1 <= b <= MAX_BATCH for b in args.batches):
         parser.error(f"--batches must lie in 1..{MAX_BATCH} (one decode token per sequence), got {args.batches}")
@@ -185,35 +200,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--densities must lie in (0, 1] and --rank be >= 1, got {args.densities} and {args.rank}")
 
     torch.manual_seed(0)
-    gpu = torch.cuda.get_device_name()
-    meta = {
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "commit": git_commit(),
-    }
-    copy_gbps = copy_bandwidth_gbps()
-    print(f"{gpu}  torch {meta['torch']}  triton {meta['triton']}  commit {meta['commit']}")
-    print(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)")
+    meta = run_metadata(device)
+    copy_gbps = copy_bandwidth_gbps(device)
+    print(f"{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  commit {meta['commit']}")
+    print(f"copy bandwidth: {copy_gbps:.0f} GB/s (read + write)")
     print("the first Triton call of each shape and batch autotunes; that takes a while\n")
     print(
         f"{'model':<14}{'B':>3}{'dens':>6}{'union':>7}  {'variant':<16}{'ms':>9}{'GB/s':>8}{'of copy':>9}{'vs dense':>10}"
     )
 
     rows = []
-    for model in args.models:
+    for model, shape in models.items():
         try:
-            rows += bench_model(model, args, meta, copy_gbps)
+            rows += bench_model(model, shape, args, meta, copy_gbps, device)
         except RuntimeError as error:
             print(error, file=sys.stderr)
             return 1
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in gpu.lower()).strip("-")
-    output = args.output or RESULTS / f"ff_kernels_{slug}_{time.strftime('%Y%m%d-%H%M%S')}.csv"
+    name = "smoke" if args.smoke else slug(meta["device"])
+    output = args.output or RESULTS / f"ff_kernels_{name}_{time.strftime('%Y%m%d-%H%M%S')}.csv"
+    output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
