@@ -369,7 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.summarize:
-        print(f"wrote {summarize(args.output_dir)}")
+        try:
+            print(f"wrote {summarize(args.output_dir)}")
+        except FileNotFoundError as error:
+            print(f"{error} Run the benchmark first.", file=sys.stderr)
+            return 1
         return 0
     if args.smoke:
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -13,6 +13,9 @@
 #   e2e-qwen-b   Qwen2.5-14B: cats, caprese-cats                              ~ 5-7 min
 #   summary      benchmarks/results/e2e/summary.md from every e2e JSON so far  < 1 min
 #
+# E2E_COMPILE (default reduce-overhead) picks FastDecoder's compile mode for the e2e stages; if torch.compile fails
+# on the GPU's torch, E2E_COMPILE=cudagraph captures the eager step in one CUDA graph instead (slower, no fusion).
+#
 # Results land in benchmarks/results/ (ff_kernels_*.csv, e2e/*.json, e2e/*.md, logs/); when $OUT is set (the
 # device runner), they are also copied there after every stage, so a stage cut off by the time limit still
 # returns what it finished (bench_e2e.py rewrites its JSON after every variant). Commit them from there.
@@ -21,6 +24,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1
 unset TRITON_INTERPRET
+E2E=(python benchmarks/bench_e2e.py --compile "${E2E_COMPILE:-reduce-overhead}")
 RESULTS=benchmarks/results
 mkdir -p "$RESULTS/logs" "$RESULTS/e2e"
 
@@ -53,14 +57,10 @@ print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"transformers
         tests) run tests python -m pytest -m "gpu or kernels" -q -rs \
             tests/test_kernels.py tests/test_merged_decode.py tests/test_fast_decode.py ;;
         kernels) run kernels python benchmarks/bench_ff_kernels.py --densities 0.3 0.5 0.7 ;;
-        e2e-llama-a) run e2e-llama-a python benchmarks/bench_e2e.py --models llama-3.1-8b \
-            --variants dense griffin caprese-griffin ;;
-        e2e-llama-b) run e2e-llama-b python benchmarks/bench_e2e.py --models llama-3.1-8b \
-            --variants cats caprese-cats ;;
-        e2e-qwen-a) run e2e-qwen-a python benchmarks/bench_e2e.py --models qwen2.5-14b \
-            --variants dense griffin caprese-griffin ;;
-        e2e-qwen-b) run e2e-qwen-b python benchmarks/bench_e2e.py --models qwen2.5-14b \
-            --variants cats caprese-cats ;;
+        e2e-llama-a) run e2e-llama-a "${E2E[@]}" --models llama-3.1-8b --variants dense griffin caprese-griffin ;;
+        e2e-llama-b) run e2e-llama-b "${E2E[@]}" --models llama-3.1-8b --variants cats caprese-cats ;;
+        e2e-qwen-a) run e2e-qwen-a "${E2E[@]}" --models qwen2.5-14b --variants dense griffin caprese-griffin ;;
+        e2e-qwen-b) run e2e-qwen-b "${E2E[@]}" --models qwen2.5-14b --variants cats caprese-cats ;;
         summary) run summary python benchmarks/bench_e2e.py --summarize ;;
         *) echo "unknown stage '$1'; stages: env tests kernels e2e-llama-a e2e-llama-b e2e-qwen-a e2e-qwen-b summary"
            return 2 ;;
