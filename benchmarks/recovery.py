@@ -29,10 +29,11 @@ import torch
 
 import caprese_peft
 from caprese_peft import CapreseConfig, parameter_report
-from caprese_peft.distill import CapreseDataCollator, CapreseTrainer, CapreseTrainingArguments, fit_closed_form
+from caprese_peft.distill import CapreseDataCollator, CapreseTrainer, CapreseTrainingArguments
+from caprese_peft.distill.closed_form import collect_moments, set_closed_form
 from caprese_peft.distill.data import load_prompt_completion
 from caprese_peft.distill.synth import load_problems, synthesize, user_message
-from caprese_peft.eval.compare import continuation_kl, greedy_generations
+from caprese_peft.eval.compare import continuation_kl, greedy_generations, stepwise_continuation_kl
 from caprese_peft.eval.metrics import agreement_lengths, check_answer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +90,19 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="generation batch size")
     parser.add_argument("--e2e-records", type=int, default=128, help="train end-to-end on only the first N records")
     parser.add_argument("--configs", nargs="+", choices=["cats", "griffin"], default=["cats", "griffin"])
+    parser.add_argument(
+        "--adam-layerwise", action="store_true", help="also train the layer-wise stage with Adam (the paper's way)"
+    )
+    parser.add_argument(
+        "--rank-sweep",
+        nargs="*",
+        type=int,
+        default=[128, 576],
+        help="math KL of the closed-form layer-wise fit at these extra ranks, from the same moments (CATS only)",
+    )
+    parser.add_argument(
+        "--reselect-every", type=int, default=32, help="GRIFFIN reselection interval to measure; 0 skips it"
+    )
     parser.add_argument("--fresh", action="store_true", help="ignore cached results and adapters")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -130,18 +144,19 @@ def main() -> None:
 
     dense_scores = cache.get("dense", lambda: generation_scores(caprese_peft_model(base, "cats", 0.5, False, 1), True))
     rows = [("Dense", "-", {"math_kl": 0.0, "language_kl": 0.0}, dense_scores, None)]
+    ranks: dict[int, float] = {}
 
     for label, spec in CONFIGS.items():
         key = spec["backbone"]
         if key not in args.configs:
             continue
 
-        def evaluate(model, method: str, generate: bool = True, key: str = key) -> dict:
+        def evaluate(model, method: str, generate: bool = True, key: str = key, stepwise: bool = False) -> dict:
+            # reselection rewrites past KV entries, which only token-by-token decoding reproduces
+            kl = partial(stepwise_continuation_kl, batch_size=args.batch_size) if stepwise else continuation_kl
+
             def compute():
-                scores = {
-                    "math_kl": continuation_kl(model, dev)["kl"],
-                    "language_kl": continuation_kl(model, language)["kl"],
-                }
+                scores = {"math_kl": kl(model, dev)["kl"], "language_kl": kl(model, language)["kl"]}
                 if generate:
                     generated = generation_scores(model, dense=False)
                     lengths = agreement_lengths(dense_scores["ids"], generated["ids"])
@@ -154,26 +169,35 @@ def main() -> None:
         report = parameter_report(model)
         rows.append((label, "backbone", evaluate(model, "backbone"), None, report))
 
-        lw_dir = args.out / f"{key}-layerwise"
-        if not (lw_dir / "adapter_config.json").is_file() or args.fresh:
-            stage = partial(train_stage, model, tokenizer, train, args.out, "layerwise", args.lw_epochs, 1e-3)
-            cache.get(f"{key}/train layerwise", stage)
-            model.save_pretrained(lw_dir)
-        else:
-            model = caprese_peft_model_from(base, lw_dir)
-        rows.append((label, "layer-wise (Adam)", evaluate(model, "layerwise", generate=False), None, report))
+        if args.adam_layerwise:
+            lw_dir = args.out / f"{key}-layerwise"
+            if not (lw_dir / "adapter_config.json").is_file() or args.fresh:
+                stage = partial(train_stage, model, tokenizer, train, args.out, "layerwise", args.lw_epochs, 1e-3)
+                cache.get(f"{key}/train layerwise", stage)
+                model.save_pretrained(lw_dir)
+            else:
+                model = caprese_peft_model_from(base, lw_dir)
+            rows.append((label, "layer-wise (Adam)", evaluate(model, "layerwise", generate=False), None, report))
 
         cf_dir = args.out / f"{key}-closed-form"
         model = caprese_peft_model(base, spec["backbone"], spec["density"], spec["half"], args.rank)
+        moments_path = args.out / f"{key}-moments.pt"
         if not (cf_dir / "adapter_config.json").is_file() or args.fresh:
             loader = torch.utils.data.DataLoader(
                 train, batch_size=8, collate_fn=CapreseDataCollator.from_tokenizer(tokenizer)
             )
-            cache.get(f"{key}/train closed-form", partial(fit_closed_form, model, loader))
+
+            cache.get(f"{key}/train closed-form", partial(closed_form_step, model, loader, moments_path))
             model.save_pretrained(cf_dir)
         else:
             model = caprese_peft_model_from(base, cf_dir)
         rows.append((label, "layer-wise (closed form)", evaluate(model, "closed-form"), None, report))
+        if key == "cats" and args.rank_sweep and moments_path.is_file():
+            for rank in args.rank_sweep:
+                sweep_model = caprese_peft_model(base, spec["backbone"], spec["density"], spec["half"], rank)
+
+                step = partial(rank_step, sweep_model, moments_path, dev)
+                ranks[rank] = cache.get(f"{key}/closed-form rank {rank}", step)["math_kl"]
 
         e2e_dir = args.out / f"{key}-e2e"
         if not (e2e_dir / "adapter_config.json").is_file() or args.fresh:
@@ -184,14 +208,33 @@ def main() -> None:
             model.save_pretrained(e2e_dir)
         model = caprese_peft_model_from(base, e2e_dir)
         rows.append((label, "end-to-end", evaluate(model, "e2e"), None, report))
+        if key == "griffin" and args.reselect_every:
+            model.peft_config["default"].reselect_every = args.reselect_every
+            method = f"end-to-end, reselect every {args.reselect_every}"
+            rows.append(
+                (label, method, evaluate(model, f"e2e reselect {args.reselect_every}", stepwise=True), None, report)
+            )
 
     # every step of the reported configurations, computed now or cached earlier
     used = [k for k in cache.data if k in ("dense", "synthetic data") or k.split("/")[0] in args.configs]
     total = sum(cache.data[k]["seconds"] for k in used)
-    write_report(args, rows, cache, synth_seconds, total, len(train), len(dev), len(language))
+    write_report(args, rows, ranks, cache, synth_seconds, total, len(train), len(dev), len(language))
     log(
         f"done: steps {total / 60:.1f} min, this invocation {(time.perf_counter() - start) / 60:.1f} min -> {args.docs}"
     )
+
+
+def closed_form_step(model, loader, moments_path: Path) -> None:
+    """The closed-form layer-wise fit, keeping its moments: the rank sweep solves again from them."""
+    moments = collect_moments(model, loader)
+    torch.save(moments, moments_path)
+    set_closed_form(model, moments)
+
+
+def rank_step(model, moments_path: Path, dev) -> dict:
+    """Math KL of the closed-form fit at ``model``'s rank, from saved moments."""
+    set_closed_form(model, torch.load(moments_path, weights_only=False))
+    return {"math_kl": continuation_kl(model, dev)["kl"]}
 
 
 def train_stage(model, tokenizer, dataset, out: Path, stage: str, epochs: float, lr: float) -> None:
@@ -225,7 +268,7 @@ def caprese_peft_model_from(base, path: Path, trainable: bool = False):
     return PeftModel.from_pretrained(copy.deepcopy(base), path, is_trainable=trainable)
 
 
-def write_report(args, rows, cache, synth_seconds, total, n_train, n_dev, n_language) -> None:
+def write_report(args, rows, ranks, cache, synth_seconds, total, n_train, n_dev, n_language) -> None:
     lines = [
         "# Measured recovery on SmolLM2-135M-Instruct",
         "",
@@ -257,6 +300,17 @@ def write_report(args, rows, cache, synth_seconds, total, n_train, n_dev, n_lang
     for label, method, scores, _, _ in rows:
         if label in backbone_kl and method != "backbone" and backbone_kl[label] > 0:
             lines.append(f"- {label}, {method}: {1 - scores['math_kl'] / backbone_kl[label]:.1%}")
+    if ranks and "CATS 0.5, all layers" in backbone_kl:
+        gap = backbone_kl["CATS 0.5, all layers"]
+        lines += [
+            "",
+            "Closed-form layer-wise fit of CATS 0.5 at other ranks (same moments; 576 is the hidden size, the best "
+            "linear correction of each layer):",
+            "",
+            "| rank | math KL | share of the gap removed |",
+            "| ---: | ---: | ---: |",
+        ]
+        lines += [f"| {rank} | {kl:.4f} | {1 - kl / gap:.1%} |" for rank, kl in sorted(ranks.items())]
     args.docs.parent.mkdir(parents=True, exist_ok=True)
     args.docs.write_text("\n".join(lines) + "\n")
     (args.out / "table.md").write_text("\n".join(lines) + "\n")

@@ -20,7 +20,7 @@ from caprese_peft.distill import (
     load_prompt_completion,
     prepare_dataset,
 )
-from caprese_peft.distill.closed_form import collect_moments, fit_closed_form, reduced_rank_solution
+from caprese_peft.distill.closed_form import collect_moments, fit_closed_form, reduced_rank_solution, set_closed_form
 
 from conftest import VOCAB, greedy, tiny_model, tiny_tokenizer
 
@@ -512,3 +512,18 @@ def test_closed_form_matches_brute_force_reduced_rank_regression():
     u, s, v = torch.linalg.svd(b_ols)
     naive = u[:, :8] @ torch.diag(s[:8]) @ v[:8]
     assert (y - x @ got).square().sum() < (y - x @ naive).square().sum()
+
+
+def test_moments_serve_every_rank():
+    """collect_moments does not depend on the rank: set_closed_form on another rank equals fitting that rank."""
+    collate = CapreseDataCollator()
+    batch = collate(list(prepare_dataset(id_records(4, seed=3, prompt=(6, 9), completion=(18, 24)))))
+    small = get_peft_model(tiny_model("llama"), CapreseConfig(**{**ADAPTER, "r": 4}))
+    large = get_peft_model(tiny_model("llama"), CapreseConfig(**{**ADAPTER, "r": 12}))
+    reference = get_peft_model(tiny_model("llama"), CapreseConfig(**{**ADAPTER, "r": 12}))
+    want = fit_closed_form(reference, [batch])
+    got = set_closed_form(large, collect_moments(small, [batch]))
+    assert got == pytest.approx(want, rel=1e-6)
+    assert got != pytest.approx(fit_closed_form(small, [batch]), rel=1e-3)  # rank 4 reaches less
+    with pytest.raises(ValueError, match="No moments for the Caprese layers"):
+        set_closed_form(get_peft_model(tiny_model("qwen2"), CapreseConfig(**ADAPTER)), {})

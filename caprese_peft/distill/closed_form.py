@@ -126,8 +126,19 @@ def fit_closed_form(
 
     Returns the equation-7 loss each layer reaches on the same tokens (pooled over all batches), by layer name.
     """
-    moments = collect_moments(model, batches)
+    return set_closed_form(model, collect_moments(model, batches), ridge)
+
+
+@torch.no_grad()
+def set_closed_form(model: nn.Module, moments: Mapping[str, Moments], ridge: float = 1e-6) -> dict[str, float]:
+    """Set each Caprese layer's ``L`` and ``R`` to the reduced-rank solution of its ``moments`` (from ``collect_moments``).
+
+    Moments do not depend on the rank, so one pass serves adapters of any rank. Returns the loss reached per layer.
+    """
     layers = _caprese_layers(model)
+    missing = sorted(set(layers) - set(moments))
+    if missing:
+        raise ValueError(f"No moments for the Caprese layers {missing}; collect them on a model wrapped the same way.")
     reached = {}
     for name, m in moments.items():
         layer = layers[name]
