@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -527,3 +528,15 @@ def test_moments_serve_every_rank():
     assert got != pytest.approx(fit_closed_form(small, [batch]), rel=1e-3)  # rank 4 reaches less
     with pytest.raises(ValueError, match="No moments for the Caprese layers"):
         set_closed_form(get_peft_model(tiny_model("qwen2"), CapreseConfig(**ADAPTER)), {})
+
+
+def test_closed_form_warns_when_it_sees_too_few_tokens():
+    collate = CapreseDataCollator()
+    few = collate(list(prepare_dataset(id_records(2, seed=4, prompt=(6, 9), completion=(18, 24)))))
+    many = collate(list(prepare_dataset(id_records(12, seed=4, prompt=(6, 9), completion=(18, 24)))))
+    peft_model = get_peft_model(tiny_model("llama"), CapreseConfig(**ADAPTER))
+    with pytest.warns(UserWarning, match="will overfit"):
+        fit_closed_form(peft_model, [few])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_closed_form(peft_model, [many])

@@ -11,6 +11,7 @@ here it is an exact initialisation, or a reference for the layer-wise trainer.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -20,6 +21,9 @@ from torch import nn
 from ..layer import CapreseLayer
 from ..state import backbone_errors, find_state
 from .data import position_ids_from
+
+# a least-squares fit of D x D coefficients needs well over D rows to generalise
+MIN_TOKENS_PER_DIM = 4
 
 
 @dataclass
@@ -139,6 +143,15 @@ def set_closed_form(model: nn.Module, moments: Mapping[str, Moments], ridge: flo
     missing = sorted(set(layers) - set(moments))
     if missing:
         raise ValueError(f"No moments for the Caprese layers {missing}; collect them on a model wrapped the same way.")
+    few = {name: m.tokens for name, m in moments.items() if m.tokens < MIN_TOKENS_PER_DIM * m.xx.shape[0]}
+    if few:
+        dim = next(iter(moments.values())).xx.shape[0]
+        warnings.warn(
+            f"The closed form saw only {min(few.values())} continuation tokens for {dim}-dimensional inputs (fewer "
+            f"than {MIN_TOKENS_PER_DIM} per dimension); the fit will overfit those tokens. Use more or longer "
+            "completions, or a larger ridge.",
+            stacklevel=2,
+        )
     reached = {}
     for name, m in moments.items():
         layer = layers[name]
