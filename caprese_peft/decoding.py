@@ -6,8 +6,10 @@ Three implementations, all computing the same values (up to the order of floatin
 - ``"merged"``: paper appendix D. GRIFFIN materialises, once per prompt batch, each sequence's pruned weights with
   ``L`` and ``R`` appended and decodes with batched GEMVs; CATS runs ``kernels.cats_ff`` on the FF weights with
   ``L``, ``R`` appended (the Triton kernel on CUDA where it applies, its torch reference elsewhere).
-- ``"auto"`` (the default): ``"merged"`` where it reads fewer bytes: GRIFFIN always, CATS where the Triton kernel
-  runs (CUDA, at most 8 sequences, fp32/fp16/bf16); otherwise the reference. Steps that need gradients always
+- ``"auto"`` (the default): ``"merged"`` where it reads fewer bytes: GRIFFIN while batch x density < 1 (each
+  sequence reads its own pruned weights, so a batch of 32 at density 0.5 would read 16 times the weights that the
+  reference shares), CATS where the Triton kernel runs (CUDA, at most 8 sequences, fp32/fp16/bf16); otherwise
+  the reference. Steps that need gradients always
   run the reference.
 
 ``use_kernels`` forces the CATS kernel on (True: fail where it cannot run) or off (False).

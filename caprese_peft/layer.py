@@ -143,19 +143,13 @@ class CapreseLayer(nn.Module, BaseTunerLayer):
         z = gate * mlp.up_proj(x)  # (B, S, d_ff), the same operations as the base block
 
         if step.phase is Phase.PREFILL:
+            self._griffin_decode_cache = None  # the last prompt's merged weights: free them before new ones are built
             self._stats = backbone.calibrate(gate, z, step.token_mask)
             self._stats_generation = step.generation
             return mlp.down_proj(z)
 
-        if step.phase in (Phase.DECODE, Phase.RESELECT) and (
-            self._stats is None or self._stats_generation != step.generation
-        ):
-            raise RuntimeError(
-                "Decode step without statistics from this prompt: the prefill ran with the Caprese adapter "
-                "disabled or another adapter active. Generate with the same adapter state throughout."
-            )
-
         if step.phase is Phase.RESELECT:
+            self._check_stats(step)
             # a new statistics object, so anything derived from the old selection is rebuilt
             self._stats = backbone.update(self._stats, gate, z, step.token_mask)
             return mlp.down_proj(z)
@@ -183,17 +177,20 @@ class CapreseLayer(nn.Module, BaseTunerLayer):
 
     def _decode(self, x: torch.Tensor, adapter: str, step: Any) -> torch.Tensor:
         """One generated token per sequence: the sparse block plus ``x @ L @ R``, merged (appendix D) where chosen."""
-        if self._stats is None or self._stats_generation != step.generation:
-            raise RuntimeError(
-                "Decode step without statistics from this prompt: the prefill ran with the Caprese adapter "
-                "disabled or another adapter active. Generate with the same adapter state throughout."
-            )
+        self._check_stats(step)
         path = self._decode_path(x, adapter)
         if path == "griffin":
             return griffin_merged_ff(x, self.griffin_decode_weights(adapter), self.base_layer.act_fn)
         if path == "cats":
             return self._cats_decode(x, adapter)
         return self.reference_decode(x, adapter)
+
+    def _check_stats(self, step: Any) -> None:
+        if self._stats is None or self._stats_generation != step.generation:
+            raise RuntimeError(
+                "Decode step without statistics from this prompt: the prefill ran with the Caprese adapter "
+                "disabled or another adapter active. Generate with the same adapter state throughout."
+            )
 
     def reference_decode(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         """The unmerged decode formula ``down(act(gate(x)) * up(x) * keep) + x @ L @ R``; ``x`` is ``(B, S, D)``.
@@ -224,6 +221,9 @@ class CapreseLayer(nn.Module, BaseTunerLayer):
             return "reference"
         if impl == "auto" and kind == "cats" and not self._cats_kernel_applies(x):
             # without the kernel, merged CATS computes every neuron as the reference does, from copied weights
+            return "reference"
+        if impl == "auto" and kind == "griffin" and x.shape[0] * self.caprese_backbone[adapter].density >= 1:
+            # each sequence has its own pruned weights: past batch x density = 1 they outweigh the shared full ones
             return "reference"
         return kind
 
