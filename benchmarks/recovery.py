@@ -278,9 +278,11 @@ def write_report(args, rows, ranks, cache, synth_seconds, total, n_train, n_dev,
         "",
         f"Data: {n_train} GSM8K train problems answered by the model itself ({args.max_new_tokens} new tokens max, greedy), "
         f"{n_dev} GSM8K dev problems (teacher continuations for KL, greedy answers for agreement and accuracy), "
-        f"{n_language} general non-math prompts. Caprese rank r={args.rank}; layer-wise Adam {args.lw_epochs:g} epochs at 1e-3; "
-        f"end-to-end {args.e2e_epochs:g} epochs at {args.e2e_lr:g} on {args.e2e_records or n_train} records, from the closed-form "
-        "layer-wise factors.",
+        f"{n_language} general non-math prompts. Caprese rank r={args.rank}; layer-wise: the closed-form solution of equation 7"
+        + (f" (and Adam, {args.lw_epochs:g} epochs at 1e-3)" if args.adam_layerwise else "")
+        + f"; end-to-end {args.e2e_epochs:g} epochs at {args.e2e_lr:g} on {args.e2e_records or n_train} records, from the "
+        "closed-form layer-wise factors. Reselection rows decode the KL continuations token by token "
+        "(stepwise_continuation_kl), since a single teacher-forced pass cannot rewrite past KV entries.",
         "",
         "| backbone | method | math KL | language KL | agreement (tokens) | GSM8K dev accuracy | active params / token |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
