@@ -15,7 +15,7 @@ from .loading import load_gguf_model, load_smollm2, smollm2_gguf_path
 from .model import CapreseModel
 from .model_card import update_model_card, write_model_card
 from .registration import CAPRESE, hook_model_card, register
-from .state import layerwise_losses, teacher_forcing
+from .state import backbone_errors, layerwise_losses, teacher_forcing
 
 register(CapreseConfig, CapreseModel)
 hook_model_card(write_model_card)
@@ -47,6 +47,7 @@ __all__ = [
     "available_backbones",
     "decode_impl",
     "load_gguf_model",
+    "backbone_errors",
     "layerwise_losses",
     "load_smollm2",
     "parameter_report",
