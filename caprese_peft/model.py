@@ -51,7 +51,10 @@ class CapreseModel(BaseTuner):
 
     def _reselect_every(self) -> int | None:
         """The reselection interval of the adapter generating now; None when no Caprese adapter runs."""
-        layer = next((m for m in self.model.modules() if isinstance(m, CapreseLayer)), None)
+        layer = getattr(self, "_first_layer", None)
+        if layer is None:  # asked at every decode step: find the layer once, not by walking the model each time
+            layer = next((m for m in self.model.modules() if isinstance(m, CapreseLayer)), None)
+            object.__setattr__(self, "_first_layer", layer)
         adapter = layer._active() if layer is not None else None
         return None if adapter is None else self.peft_config[adapter].reselect_every
 

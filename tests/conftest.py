@@ -121,6 +121,27 @@ def greedy(model, ids, mask, n: int = 6):
     return out.sequences, torch.stack(out.logits, dim=1)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Matrices of 48 x 90 run fastest on one thread; more only contend with whatever else the machine runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def factors_of(peft_model, adapter: str = "default") -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """``{decoder layer index: (L, R)}`` of every Caprese layer of ``peft_model``, detached."""
+    from caprese_peft import CapreseLayer
+
+    found = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, CapreseLayer):
+            idx = int(name.split(".layers.")[1].split(".")[0])
+            found[idx] = (module.caprese_L[adapter].detach(), module.caprese_R[adapter].detach())
+    return found
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

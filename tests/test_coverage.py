@@ -21,12 +21,7 @@ QUESTIONS = ["what is two plus three", "what is three plus two", "think what is 
 FAST = ["--max-new-tokens", "3", "--batch-size", "6", "--split", "all"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_pooled_coverage_averages_independent_pools():

@@ -19,13 +19,7 @@ QUESTIONS = ["what is two plus three", "what is three plus two", "think what is 
 FAST = ["--max-new-tokens", "4", "--batch-size", "3", "--split", "all"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Matrices of 48 x 90 run fastest on one thread; more only contend with whatever else the machine runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def caprese(backbone: str, density: float, base=None):

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from peft import LoraConfig, get_peft_model
 
 from caprese_peft import CapreseConfig
@@ -26,13 +25,7 @@ METHOD_KEYS = {
 FAST = ["--max-new-tokens", "6", "--batch-size", "3", "--timing-tokens", "3", "--timing-repeats", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Matrices of 48 x 90 run fastest on one thread; more only contend with whatever else the machine runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-import torch
 import transformers.utils.hub as hf_hub_utils
 from huggingface_hub import ModelCard
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -20,16 +19,11 @@ from caprese_peft.registration import hook_model_card
 from conftest import tiny_model, tiny_tokenizer
 
 # PEFT looks the (made-up) base model name up to check its vocabulary; offline it only warns
-pytestmark = pytest.mark.filterwarnings("ignore:Could not find a config file in org/tiny-llama")
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:Could not find a config file in org/tiny-llama"),
+]
 QUESTIONS = ["what is two plus three", "what is three plus two", "think what is five"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def griffin_model(name: str = "org/tiny-llama"):

@@ -8,7 +8,7 @@ from peft import PeftModel, get_peft_model
 
 from caprese_peft import CapreseConfig, CapreseLayer
 
-from conftest import greedy, random_prompts, tiny_model
+from conftest import factors_of, greedy, random_prompts, tiny_model
 
 NEW_TOKENS = 8
 
@@ -16,15 +16,6 @@ NEW_TOKENS = 8
 def wrap(model, reselect_every, **options):
     options = {"backbone": "griffin", "density": 0.4, "r": 8, "init_weights": False, **options}
     return get_peft_model(model, CapreseConfig(reselect_every=reselect_every, **options))
-
-
-def factors_of(peft_model) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    found = {}
-    for name, module in peft_model.named_modules():
-        if isinstance(module, CapreseLayer):
-            idx = int(name.split(".layers.")[1].split(".")[0])
-            found[idx] = (module.caprese_L["default"].detach(), module.caprese_R["default"].detach())
-    return found
 
 
 def oracle_step_logits(base, sequence, n_dense, position, density, factors):

@@ -10,7 +10,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 
 from caprese_peft import CapreseConfig, CapreseLayer, layerwise_losses, teacher_forcing
 
-from conftest import greedy, random_prompts, tiny_model
+from conftest import factors_of, greedy, random_prompts, tiny_model
 
 CASES = {
     "cats": dict(backbone="cats", density=0.5, r=8),
@@ -74,15 +74,6 @@ def oracle_logits(base, sequence, n_prompt, options, factors):
     finally:
         for h in handles:
             h.remove()
-
-
-def factors_of(peft_model):
-    found = {}
-    for name, module in peft_model.named_modules():
-        if isinstance(module, CapreseLayer):
-            idx = int(name.split(".layers.")[1].split(".")[0])
-            found[idx] = (module.caprese_L["default"].detach(), module.caprese_R["default"].detach())
-    return found
 
 
 # ---- shared checks ----
