@@ -80,13 +80,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "recovery")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "recovery.md")
-    parser.add_argument("--train", type=int, default=256, help="GSM8K train problems for synthetic data")
+    parser.add_argument("--train", type=int, default=192, help="GSM8K train problems for synthetic data")
     parser.add_argument("--dev", type=int, default=32, help="GSM8K dev problems for KL, agreement and accuracy")
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--lw-epochs", type=float, default=1)
     parser.add_argument("--e2e-epochs", type=float, default=1)
-    parser.add_argument("--e2e-lr", type=float, default=2e-4)
+    parser.add_argument("--e2e-lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=32, help="generation batch size")
     parser.add_argument("--e2e-records", type=int, default=128, help="train end-to-end on only the first N records")
     parser.add_argument("--configs", nargs="+", choices=["cats", "griffin"], default=["cats", "griffin"])
@@ -97,11 +97,15 @@ def main() -> None:
         "--rank-sweep",
         nargs="*",
         type=int,
-        default=[128, 576],
-        help="math KL of the closed-form layer-wise fit at these extra ranks, from the same moments (CATS only)",
+        default=[],
+        help="math KL of the closed-form layer-wise fit at these extra ranks, from the same moments (CATS only; "
+        "about 1.5 min each)",
     )
     parser.add_argument(
-        "--reselect-every", type=int, default=32, help="GRIFFIN reselection interval to measure; 0 skips it"
+        "--reselect-every",
+        type=int,
+        default=0,
+        help="also measure GRIFFIN end-to-end with this reselection interval (about 6.5 min at 32); 0 skips it",
     )
     parser.add_argument("--fresh", action="store_true", help="ignore cached results and adapters")
     args = parser.parse_args()
@@ -142,6 +146,8 @@ def main() -> None:
         correct = [check_answer(text, ref) for (text, _), ref in zip(runs, references)]
         return {"accuracy": sum(correct) / len(correct), "ids": [ids for _, ids in runs]}
 
+    # the dense logits on the KL continuations, computed at the first evaluation and reused by every other
+    teachers: dict[str, dict] = {"dev": {}, "language": {}}
     dense_scores = cache.get("dense", lambda: generation_scores(caprese_peft_model(base, "cats", 0.5, False, 1), True))
     rows = [("Dense", "-", {"math_kl": 0.0, "language_kl": 0.0}, dense_scores, None)]
     ranks: dict[int, float] = {}
@@ -153,10 +159,13 @@ def main() -> None:
 
         def evaluate(model, method: str, generate: bool = True, key: str = key, stepwise: bool = False) -> dict:
             # reselection rewrites past KV entries, which only token-by-token decoding reproduces
-            kl = partial(stepwise_continuation_kl, batch_size=args.batch_size) if stepwise else continuation_kl
+            def kl(data, name: str) -> float:
+                if stepwise:
+                    return stepwise_continuation_kl(model, data, batch_size=args.batch_size)["kl"]
+                return continuation_kl(model, data, teacher_cache=teachers[name])["kl"]
 
             def compute():
-                scores = {"math_kl": kl(model, dev)["kl"], "language_kl": kl(model, language)["kl"]}
+                scores = {"math_kl": kl(dev, "dev"), "language_kl": kl(language, "language")}
                 if generate:
                     generated = generation_scores(model, dense=False)
                     lengths = agreement_lengths(dense_scores["ids"], generated["ids"])
@@ -196,7 +205,7 @@ def main() -> None:
             for rank in args.rank_sweep:
                 sweep_model = caprese_peft_model(base, spec["backbone"], spec["density"], spec["half"], rank)
 
-                step = partial(rank_step, sweep_model, moments_path, dev)
+                step = partial(rank_step, sweep_model, moments_path, dev, teachers["dev"])
                 ranks[rank] = cache.get(f"{key}/closed-form rank {rank}", step)["math_kl"]
 
         e2e_dir = args.out / f"{key}-e2e"
@@ -231,10 +240,10 @@ def closed_form_step(model, loader, moments_path: Path) -> None:
     set_closed_form(model, moments)
 
 
-def rank_step(model, moments_path: Path, dev) -> dict:
+def rank_step(model, moments_path: Path, dev, teacher: dict) -> dict:
     """Math KL of the closed-form fit at ``model``'s rank, from saved moments."""
     set_closed_form(model, torch.load(moments_path, weights_only=False))
-    return {"math_kl": continuation_kl(model, dev)["kl"]}
+    return {"math_kl": continuation_kl(model, dev, teacher_cache=teacher)["kl"]}
 
 
 def train_stage(model, tokenizer, dataset, out: Path, stage: str, epochs: float, lr: float) -> None:
@@ -282,7 +291,9 @@ def write_report(args, rows, ranks, cache, synth_seconds, total, n_train, n_dev,
         + (f" (and Adam, {args.lw_epochs:g} epochs at 1e-3)" if args.adam_layerwise else "")
         + f"; end-to-end {args.e2e_epochs:g} epochs at {args.e2e_lr:g} on {args.e2e_records or n_train} records, from the "
         "closed-form layer-wise factors. Reselection rows decode the KL continuations token by token "
-        "(stepwise_continuation_kl), since a single teacher-forced pass cannot rewrite past KV entries.",
+        "(stepwise_continuation_kl), since a single teacher-forced pass cannot rewrite past KV entries. "
+        "`--rank-sweep 128 576` adds closed-form fits at other ranks and `--reselect-every 32` a GRIFFIN "
+        "reselection row; both are off by default to keep the run within 45 minutes.",
         "",
         "| backbone | method | math KL | language KL | agreement (tokens) | GSM8K dev accuracy | active params / token |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",

@@ -19,13 +19,25 @@ def _batches(items: Sequence[Any], size: int):
 
 
 @torch.no_grad()
-def continuation_kl(model: nn.Module, dataset: Any, batch_size: int = 4, progress: bool = True) -> dict[str, float]:
+def continuation_kl(
+    model: nn.Module,
+    dataset: Any,
+    batch_size: int = 4,
+    progress: bool = True,
+    teacher_cache: dict[int, Any] | None = None,
+) -> dict[str, float]:
     """Mean per-token KL(dense || Caprese) and both perplexities on the continuation tokens of ``dataset``.
 
     ``dataset`` holds tokenized prompt-completion records (``input_ids``, ``prompt_mask``), e.g. from
     ``caprese_peft.distill.data.load_prompt_completion``. The Caprese model runs teacher-forced as it
     would generate (dense prompt, sparse + low-rank continuation); the dense model is the same PEFT model
     with its adapter disabled. Every position holding a continuation token counts, predicting the next.
+
+    Args:
+        teacher_cache: a dict this call fills with the dense model's logits on the continuation positions
+            (by batch) and reuses when it already holds them: pass the same dict to score several adapters of
+            one base model on the same ``dataset`` and ``batch_size`` with a single dense pass. It holds
+            ``tokens x vocabulary`` floats, so keep it for small evaluation sets.
     """
     from tqdm.auto import tqdm
 
@@ -36,28 +48,49 @@ def continuation_kl(model: nn.Module, dataset: Any, batch_size: int = 4, progres
     records = [dataset[i] for i in range(len(dataset))]
     kl_sum, tokens, scored = 0.0, 0, 0
     nll = {"dense": 0.0, "model": 0.0}
-    for batch in tqdm(list(_batches(records, batch_size)), desc="Teacher-forced KL", disable=not progress):
+    batches = list(_batches(records, batch_size))
+    for index, batch in enumerate(tqdm(batches, desc="Teacher-forced KL", disable=not progress)):
         inputs = collate(batch)
         ids, mask = inputs["input_ids"].to(model.device), inputs["attention_mask"].to(model.device)
         prompt_mask = inputs["prompt_mask"].to(model.device)
+        continuation = mask.bool() & ~prompt_mask  # (B, S); left padding: continuations end every row
+        # logits only where they are read: the continuation positions and the one before (perplexity)
+        keep = min(ids.shape[1], int(continuation.sum(1).max()) + 1)
         forward = {
             "input_ids": ids,
             "attention_mask": mask,
             "position_ids": position_ids_from(mask),
             "use_cache": False,
+            "logits_to_keep": keep,
         }
-        with model.disable_adapter():
-            dense = model(**forward).logits.float()  # (B, S, V)
+        ids_kept, continuation = ids[:, -keep:], continuation[:, -keep:]
+        targets = continuation[:, 1:]  # position t predicts token t + 1: continuation tokens with a predecessor
+
+        def nll_sum(logits: torch.Tensor) -> float:
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].transpose(1, 2), ids_kept[:, 1:], reduction="none"
+            )  # (B, keep - 1)
+            return float((loss * targets).sum())
+
+        cached = teacher_cache.get(index) if teacher_cache is not None else None
+        if cached is not None and not torch.equal(cached["input_ids"], ids.cpu()):
+            raise ValueError(
+                "teacher_cache holds the dense logits of other records: use one cache per dataset and batch size."
+            )
+        if cached is None:
+            with model.disable_adapter():
+                dense = model(**forward).logits.float()  # (B, keep, V)
+            cached = {"input_ids": ids.cpu(), "logits": dense[continuation], "nll": nll_sum(dense)}
+            if teacher_cache is not None:
+                teacher_cache[index] = cached
+            del dense
         with teacher_forcing(model, prompt_mask, mask):
             student = model(**forward).logits.float()
-        continuation = mask.bool() & ~prompt_mask  # (B, S)
-        kl_sum += float(token_kl(dense, student, continuation).sum())
-        tokens += int(continuation.sum())
-        # perplexity of the continuation tokens that have a successor inside the sequence
-        targets = continuation[:, 1:]  # position t predicts token t + 1
-        for name, logits in (("dense", dense), ("model", student)):
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-            nll[name] += float((loss * targets).sum())
+        selected = student[continuation]  # (tokens, V)
+        kl_sum += float(token_kl(cached["logits"][None], selected[None], torch.ones(1, len(selected))).sum())
+        tokens += len(selected)
+        nll["dense"] += cached["nll"]
+        nll["model"] += nll_sum(student)
         scored += int(targets.sum())
     if tokens == 0:
         raise ValueError("The dataset has no continuation tokens to compare on.")
