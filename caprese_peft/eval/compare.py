@@ -18,6 +18,12 @@ def _batches(items: Sequence[Any], size: int):
         yield items[start : start + size]
 
 
+def _nll_sum(logits: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed cross-entropy of ``logits`` (B, S, V) predicting ``ids[:, 1:]`` where ``targets`` (B, S - 1) is True."""
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    return float((loss * targets).sum())
+
+
 @torch.no_grad()
 def continuation_kl(
     model: nn.Module,
@@ -66,12 +72,6 @@ def continuation_kl(
         ids_kept, continuation = ids[:, -keep:], continuation[:, -keep:]
         targets = continuation[:, 1:]  # position t predicts token t + 1: continuation tokens with a predecessor
 
-        def nll_sum(logits: torch.Tensor) -> float:
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].transpose(1, 2), ids_kept[:, 1:], reduction="none"
-            )  # (B, keep - 1)
-            return float((loss * targets).sum())
-
         cached = teacher_cache.get(index) if teacher_cache is not None else None
         if cached is not None and not torch.equal(cached["input_ids"], ids.cpu()):
             raise ValueError(
@@ -80,7 +80,7 @@ def continuation_kl(
         if cached is None:
             with model.disable_adapter():
                 dense = model(**forward).logits.float()  # (B, keep, V)
-            cached = {"input_ids": ids.cpu(), "logits": dense[continuation], "nll": nll_sum(dense)}
+            cached = {"input_ids": ids.cpu(), "logits": dense[continuation], "nll": _nll_sum(dense, ids_kept, targets)}
             if teacher_cache is not None:
                 teacher_cache[index] = cached
             del dense
@@ -90,7 +90,7 @@ def continuation_kl(
         kl_sum += float(token_kl(cached["logits"][None], selected[None], torch.ones(1, len(selected))).sum())
         tokens += len(selected)
         nll["dense"] += cached["nll"]
-        nll["model"] += nll_sum(student)
+        nll["model"] += _nll_sum(student, ids_kept, targets)
         scored += int(targets.sum())
     if tokens == 0:
         raise ValueError("The dataset has no continuation tokens to compare on.")
