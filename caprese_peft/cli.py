@@ -203,6 +203,8 @@ def _eval(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         timing_tokens=args.timing_tokens,
         timing_repeats=args.timing_repeats,
+        kl_problems=args.kl_problems,
+        fast=args.fast_decode,
         info=_info(args),
     )
     results["seconds"] = round(time.perf_counter() - start, 1)
@@ -367,6 +369,14 @@ def main(argv: list[str] | None = None) -> None:
     _add_backbone_args(evaluate)
     evaluate.add_argument("--timing-tokens", type=int, default=32, help="tokens generated to time TTNT")
     evaluate.add_argument("--timing-repeats", type=int, default=3, help="timing runs per method (median)")
+    evaluate.add_argument(
+        "--kl-problems", type=int, help="score KL and perplexity on the first N problems' continuations (default all)"
+    )
+    evaluate.add_argument(
+        "--fast-decode",
+        action="store_true",
+        help="generate with caprese_peft.FastDecoder (Llama, Mistral, Qwen2, Qwen3; no reselection): same tokens, faster",
+    )
     evaluate.add_argument(
         "--card", action="store_true", help="record the measured figures in each (local) adapter's model card"
     )

@@ -123,6 +123,26 @@ def test_completions_in_the_data_and_the_adapters_own_backbone(files, report, tm
     assert methods["random-R"]["kl"] != methods["backbone cats 0.5"]["kl"]
 
 
+def test_fast_decode_gives_the_same_responses_and_kl_problems_scores_a_prefix(files, report, tmp_path):
+    data = ["--data", str(files / "math.jsonl"), "--split", "all", "--backbone", "cats", "--density", "0.5"]
+    results = run_eval(
+        files, tmp_path / "out", *data, "--adapter", str(files / "random-R"), "--fast-decode", "--kl-problems", "2"
+    )
+    full = report[1]
+    assert results["decoder"] == "FastDecoder" and full["decoder"] == "generate"
+    for name, method in results["methods"].items():
+        assert [s["response"] for s in method["samples"]] == [s["response"] for s in full["methods"][name]["samples"]]
+        assert method["lengths"] == full["methods"][name]["lengths"]
+    # KL on the dense responses of the first two problems only (their tokens, the EOS left out)
+    lengths = full["methods"]["dense"]["lengths"]
+    assert results["kl_problems"] == 2
+    assert (
+        sum(lengths[:2]) - 2 <= results["kl_tokens"] <= sum(lengths[:2]) and results["kl_tokens"] < full["kl_tokens"]
+    )
+    assert results["methods"]["random-R"]["kl"] > 0
+    assert "of the first 2 problems" in (tmp_path / "out" / "report.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [

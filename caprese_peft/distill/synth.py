@@ -122,6 +122,35 @@ def completed_ids(path: str | os.PathLike) -> set[int]:
 
 
 @torch.no_grad()
+def chat_inputs(tokenizer: Any, prompts: Sequence[list[dict[str, str]]], device: Any) -> tuple[dict, int]:
+    """A left-padded batch of chat ``prompts`` with the generation prompt added, and the pad token id.
+
+    Left padding (and EOS as pad when there is none) for this call only: the caller's tokenizer stays as it was.
+    """
+    saved = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        inputs = tokenizer.apply_chat_template(
+            list(prompts), add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
+        ).to(device)
+        return inputs, tokenizer.pad_token_id
+    finally:
+        tokenizer.padding_side, tokenizer.pad_token = saved
+
+
+def split_responses(tokenizer: Any, new_tokens: torch.Tensor) -> list[tuple[str, list[int]]]:
+    """``(text, token_ids)`` per row of generated ``new_tokens (B, n)``, each cut after its first EOS token."""
+    results = []
+    for row in new_tokens:
+        ends = (row == tokenizer.eos_token_id).nonzero()
+        n_tokens = int(ends[0]) + 1 if len(ends) else len(row)
+        ids = row[:n_tokens].tolist()
+        results.append((tokenizer.decode(ids, skip_special_tokens=True).strip(), ids))
+    return results
+
+
 def generate_responses(
     model: nn.Module,
     tokenizer: Any,
@@ -134,27 +163,9 @@ def generate_responses(
 
     The token ids run up to and including the first EOS token.
     """
-    # left padding (and EOS as pad when there is none) for this call only: the caller's tokenizer stays as it was
-    saved = tokenizer.padding_side, tokenizer.pad_token
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    try:
-        inputs = tokenizer.apply_chat_template(
-            list(prompts), add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
-        ).to(model.device)
-        pad_token_id = tokenizer.pad_token_id
-    finally:
-        tokenizer.padding_side, tokenizer.pad_token = saved
+    inputs, pad_token_id = chat_inputs(tokenizer, prompts, model.device)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, **generate_kwargs)
-    new = out[:, inputs["input_ids"].shape[1] :]  # (B, generated)
-    results = []
-    for row in new:
-        ends = (row == tokenizer.eos_token_id).nonzero()
-        n_tokens = int(ends[0]) + 1 if len(ends) else len(row)
-        ids = row[:n_tokens].tolist()
-        results.append((tokenizer.decode(ids, skip_special_tokens=True).strip(), ids))
-    return results
+    return split_responses(tokenizer, out[:, inputs["input_ids"].shape[1] :])
 
 
 def synthesize(
