@@ -59,13 +59,15 @@ def git_commit() -> str:
 
 
 class Cache:
-    """Results by key in one JSON file, so a rerun skips what is done."""
+    """Results by key in one JSON file, so a rerun skips what is done; keys name the settings they depend on."""
 
     def __init__(self, path: Path, fresh: bool) -> None:
         self.path = path
         self.data = {} if fresh or not path.is_file() else json.loads(path.read_text())
+        self.used: list[str] = []  # the keys this invocation reports, computed now or earlier
 
     def get(self, key: str, compute):
+        self.used.append(key)
         if key not in self.data:
             start = time.perf_counter()
             result = compute()
@@ -74,6 +76,11 @@ class Cache:
             self.path.write_text(json.dumps(self.data, indent=2))
             log(f"{key}: { {k: v for k, v in self.data[key].items() if k != 'ids'} }")
         return self.data[key]
+
+    def reuse(self, key: str) -> None:
+        """Count a step whose output (an adapter on disk) is reused, at the time it took when it ran."""
+        if key in self.data:
+            self.used.append(key)
 
 
 def main() -> None:
@@ -185,6 +192,7 @@ def main() -> None:
                 cache.get(f"{key}/train layerwise", stage)
                 model.save_pretrained(lw_dir)
             else:
+                cache.reuse(f"{key}/train layerwise")
                 model = caprese_peft_model_from(base, lw_dir)
             rows.append((label, "layer-wise (Adam)", evaluate(model, "layerwise", generate=False), None, report))
 
@@ -199,6 +207,7 @@ def main() -> None:
             cache.get(f"{key}/train closed-form", partial(closed_form_step, model, loader, moments_path))
             model.save_pretrained(cf_dir)
         else:
+            cache.reuse(f"{key}/train closed-form")
             model = caprese_peft_model_from(base, cf_dir)
         rows.append((label, "layer-wise (closed form)", evaluate(model, "closed-form"), None, report))
         if key == "cats" and args.rank_sweep and moments_path.is_file():
@@ -209,24 +218,29 @@ def main() -> None:
                 ranks[rank] = cache.get(f"{key}/closed-form rank {rank}", step)["math_kl"]
 
         e2e_dir = args.out / f"{key}-e2e"
-        if not (e2e_dir / "adapter_config.json").is_file() or args.fresh:
+        e2e_train = train.select(range(min(args.e2e_records, len(train)))) if args.e2e_records else train
+        # the adapter folder and the cache keys name the settings, so changing one retrains and rescores
+        tag = f"e2e [lr {args.e2e_lr:g}, {args.e2e_epochs:g} epochs, {len(e2e_train)} records]"
+        stamp = e2e_dir / "recovery-settings.txt"
+        if args.fresh or not stamp.is_file() or stamp.read_text() != tag:
             model = caprese_peft_model_from(base, cf_dir, trainable=True)
-            e2e_train = train.select(range(min(args.e2e_records, len(train)))) if args.e2e_records else train
             stage = partial(train_stage, model, tokenizer, e2e_train, args.out, "e2e", args.e2e_epochs, args.e2e_lr)
-            cache.get(f"{key}/train e2e", stage)
+            cache.data.pop(f"{key}/train {tag}", None)
+            cache.get(f"{key}/train {tag}", stage)
             model.save_pretrained(e2e_dir)
+            stamp.write_text(tag)
+        else:
+            cache.reuse(f"{key}/train {tag}")
         model = caprese_peft_model_from(base, e2e_dir)
-        rows.append((label, "end-to-end", evaluate(model, "e2e"), None, report))
+        rows.append((label, "end-to-end", evaluate(model, tag), None, report))
         if key == "griffin" and args.reselect_every:
             model.peft_config["default"].reselect_every = args.reselect_every
             method = f"end-to-end, reselect every {args.reselect_every}"
             rows.append(
-                (label, method, evaluate(model, f"e2e reselect {args.reselect_every}", stepwise=True), None, report)
+                (label, method, evaluate(model, f"{tag} reselect {args.reselect_every}", stepwise=True), None, report)
             )
 
-    # every step of the reported configurations, computed now or cached earlier
-    used = [k for k in cache.data if k in ("dense", "synthetic data") or k.split("/")[0] in args.configs]
-    total = sum(cache.data[k]["seconds"] for k in used)
+    total = sum(cache.data[k]["seconds"] for k in dict.fromkeys(cache.used))
     write_report(args, rows, ranks, cache, synth_seconds, total, len(train), len(dev), len(language))
     log(
         f"done: steps {total / 60:.1f} min, this invocation {(time.perf_counter() - start) / 60:.1f} min -> {args.docs}"

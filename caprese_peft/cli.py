@@ -375,7 +375,8 @@ def main(argv: list[str] | None = None) -> None:
     evaluate.add_argument(
         "--fast-decode",
         action="store_true",
-        help="generate with caprese_peft.FastDecoder (Llama, Mistral, Qwen2, Qwen3; no reselection): same tokens, faster",
+        help="generate with caprese_peft.FastDecoder (Llama, Mistral, Qwen2, Qwen3; no reselection): less work per step, "
+        "the same computation in another order (a sparse backbone may then part from generate at a near-tie)",
     )
     evaluate.add_argument(
         "--card", action="store_true", help="record the measured figures in each (local) adapter's model card"

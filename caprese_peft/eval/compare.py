@@ -187,7 +187,8 @@ def greedy_generations(
 
     Batches are formed identically for every call, so dense and Caprese runs see the same padding.
     ``fast=True`` decodes with ``caprese_peft.FastDecoder`` (Llama, Mistral, Qwen2 and Qwen3 models, no
-    reselection) instead of ``model.generate``: the same greedy tokens with less work per step.
+    reselection) instead of ``model.generate``, with less work per step: the same computation in another order,
+    so a sparse backbone can part from ``generate`` where an activation sits next to its threshold.
     """
     from tqdm.auto import tqdm
 

@@ -442,7 +442,9 @@ def evaluate_methods(
             (default all): two teacher-forced passes per method over every continuation cost more than the
             generations on a CPU.
         fast: generate with ``caprese_peft.FastDecoder`` (Llama, Mistral, Qwen2, Qwen3; no reselection) for
-            every method: the same greedy tokens with less work per step. TTFT/TTNT are timed with ``generate``.
+            every method, with less work per step: the same computation in another order, so a sparse backbone can
+            part from ``generate`` where an activation sits next to its threshold. TTFT/TTNT are timed with
+            ``generate``.
         info: extra entries for the results (e.g. the model and data names).
     """
     from tqdm.auto import tqdm

@@ -4,7 +4,9 @@
 which yields the KV cache and, through the generation-state hook, each Caprese layer's backbone statistics;
 the cache is copied into static buffers and the sparse FF weights of this prompt batch are materialised; then
 ``decode_one_token`` runs the lean step of ``lean.py``, compiled with ``torch.compile(mode="reduce-overhead")``
-(CUDA graphs) on CUDA and eagerly on a CPU. Greedy output equals ``model.generate(..., do_sample=False)``.
+(CUDA graphs) on CUDA and eagerly on a CPU. It computes what ``model.generate(..., do_sample=False)`` computes, in
+another order: the dense model gives the same tokens; a sparse backbone thresholds activations, so a rounding
+difference next to a CATS threshold can change a token (benchmarks/cpu_generation.py measures how often).
 """
 
 from __future__ import annotations
