@@ -92,10 +92,12 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--lw-epochs", type=float, default=1)
-    parser.add_argument("--e2e-epochs", type=float, default=1)
+    parser.add_argument("--e2e-epochs", type=float, default=3)
     parser.add_argument("--e2e-lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=32, help="generation batch size")
-    parser.add_argument("--e2e-records", type=int, default=128, help="train end-to-end on only the first N records")
+    parser.add_argument(
+        "--e2e-records", type=int, default=0, help="train end-to-end on only the first N records (0: all)"
+    )
     parser.add_argument("--configs", nargs="+", choices=["cats", "griffin"], default=["cats", "griffin"])
     parser.add_argument(
         "--adam-layerwise", action="store_true", help="also train the layer-wise stage with Adam (the paper's way)"
@@ -104,15 +106,14 @@ def main() -> None:
         "--rank-sweep",
         nargs="*",
         type=int,
-        default=[],
-        help="math KL of the closed-form layer-wise fit at these extra ranks, from the same moments (CATS only; "
-        "about 1.5 min each)",
+        default=[128, 576],
+        help="math KL of the closed-form layer-wise fit at these extra ranks, from the same moments (CATS only)",
     )
     parser.add_argument(
         "--reselect-every",
         type=int,
-        default=0,
-        help="also measure GRIFFIN end-to-end with this reselection interval (about 6.5 min at 32); 0 skips it",
+        default=32,
+        help="also measure GRIFFIN end-to-end with this reselection interval; 0 skips it",
     )
     parser.add_argument("--fresh", action="store_true", help="ignore cached results and adapters")
     args = parser.parse_args()
@@ -305,9 +306,7 @@ def write_report(args, rows, ranks, cache, synth_seconds, total, n_train, n_dev,
         + (f" (and Adam, {args.lw_epochs:g} epochs at 1e-3)" if args.adam_layerwise else "")
         + f"; end-to-end {args.e2e_epochs:g} epochs at {args.e2e_lr:g} on {args.e2e_records or n_train} records, from the "
         "closed-form layer-wise factors. Reselection rows decode the KL continuations token by token "
-        "(stepwise_continuation_kl), since a single teacher-forced pass cannot rewrite past KV entries. "
-        "`--rank-sweep 128 576` adds closed-form fits at other ranks and `--reselect-every 32` a GRIFFIN "
-        "reselection row; both are off by default to keep the run within 45 minutes.",
+        "(stepwise_continuation_kl), since a single teacher-forced pass cannot rewrite past KV entries.",
         "",
         "| backbone | method | math KL | language KL | agreement (tokens) | GSM8K dev accuracy | active params / token |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
