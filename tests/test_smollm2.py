@@ -34,6 +34,18 @@ def test_loader_returns_a_plain_trainable_model(smollm2, tmp_path):
     Trainer(model=peft_model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
 
 
+def test_adapters_name_the_hub_model_as_their_base(smollm2, tmp_path):
+    import json
+
+    from huggingface_hub import ModelCard
+
+    model = get_peft_model(copy.deepcopy(smollm2[0]), CapreseConfig(r=8))
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert ModelCard.load(tmp_path / "README.md").data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
 def test_caprese_generation_on_a_math_prompt(smollm2):
     base, tokenizer = smollm2
     reference = copy.deepcopy(base).requires_grad_(False)
