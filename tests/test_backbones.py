@@ -47,6 +47,18 @@ def test_cats_threshold_keeps_density_of_prompt(density):
         assert (values > stats.threshold[row]).sum() == round(density * values.numel())
 
 
+@pytest.mark.parametrize("density", [0.01, 0.3, 0.5, 0.99])
+def test_cats_threshold_is_the_kth_smallest_magnitude_even_with_ties(density):
+    gate = torch.randint(-6, 7, (3, 17, 29), generator=torch.Generator().manual_seed(4)).float()  # many ties
+    mask = torch.ones(3, 17, dtype=torch.bool)
+    mask[2, :5] = False
+    threshold = Cats(density).calibrate(gate, gate, mask).threshold
+    for row in range(3):
+        values = gate[row][mask[row]].abs().flatten()
+        n_drop = values.numel() - round(density * values.numel())
+        assert threshold[row].item() == values.kthvalue(n_drop).values.item()
+
+
 def test_cats_density_one_keeps_everything():
     gate = _random(1, 5, 9)
     gate[0, 0, 0] = 0.0

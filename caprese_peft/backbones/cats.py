@@ -17,7 +17,9 @@ class CatsStats:
 def cats_thresholds(gate: torch.Tensor, token_mask: torch.Tensor, density: float) -> torch.Tensor:
     """Per sequence, the value a ``density`` fraction of the prompt's ``|gate|`` lies above; ``(batch, 1, 1)``.
 
-    Uses ``kthvalue`` rather than ``quantile``: prompts of real models exceed ``quantile``'s input limit.
+    The ``n_drop``-th smallest magnitude, found as the smallest of the ``n - n_drop + 1`` largest: ``topk``
+    splits one long slice over many CUDA blocks, where ``kthvalue`` and ``quantile`` give the whole slice to
+    one block (pytorch/pytorch#75599) and ``quantile`` refuses the sizes of real prompts.
     """
     thresholds = []
     for row_gate, row_mask in zip(gate, token_mask):
@@ -26,7 +28,7 @@ def cats_thresholds(gate: torch.Tensor, token_mask: torch.Tensor, density: float
         if n_drop <= 0:
             thresholds.append(values.new_tensor(-1.0))  # density 1: keep everything, even exact zeros
         else:
-            thresholds.append(values.kthvalue(n_drop).values)
+            thresholds.append(values.topk(values.numel() - n_drop + 1, sorted=False).values.min())
     return torch.stack(thresholds).view(-1, 1, 1)
 
 
