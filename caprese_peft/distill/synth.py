@@ -121,7 +121,6 @@ def completed_ids(path: str | os.PathLike) -> set[int]:
     return done
 
 
-@torch.no_grad()
 def chat_inputs(tokenizer: Any, prompts: Sequence[list[dict[str, str]]], device: Any) -> tuple[dict, int]:
     """A left-padded batch of chat ``prompts`` with the generation prompt added, and the pad token id.
 
@@ -151,6 +150,7 @@ def split_responses(tokenizer: Any, new_tokens: torch.Tensor) -> list[tuple[str,
     return results
 
 
+@torch.no_grad()
 def generate_responses(
     model: nn.Module,
     tokenizer: Any,

@@ -6,7 +6,8 @@ the cache is copied into static buffers and the sparse FF weights of this prompt
 ``decode_one_token`` runs the lean step of ``lean.py``, compiled with ``torch.compile(mode="reduce-overhead")``
 (CUDA graphs) on CUDA and eagerly on a CPU. It computes what ``model.generate(..., do_sample=False)`` computes, in
 another order: the dense model gives the same tokens; a sparse backbone thresholds activations, so a rounding
-difference next to a CATS threshold can change a token (benchmarks/cpu_generation.py measures how often).
+difference next to a CATS threshold can change a token, as a change of batch size can in ``generate`` itself
+(benchmarks/cats_rounding.py measures both).
 """
 
 from __future__ import annotations
