@@ -9,20 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-from .density import check_density
+from .backbones import check_density
+from .config import resolve_layers
 
 DEFAULT_DATA = "../shared/data/gsm8k/train.jsonl"
-
-
-def _layers(spec: str, n_layers: int) -> list[int] | None:
-    if spec == "all":
-        return None
-    if spec == "first-half":
-        return list(range(n_layers // 2))
-    try:
-        return [int(i) for i in spec.split(",")]
-    except ValueError:
-        raise SystemExit(f"--layers takes 'all', 'first-half' or comma-separated indices, got {spec!r}.") from None
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -56,7 +46,7 @@ def build_adapter(base, args: argparse.Namespace):
 
     if args.init:
         return PeftModel.from_pretrained(base, args.init, is_trainable=True)
-    layers = _layers(args.layers, base.config.get_text_config().num_hidden_layers)
+    layers = resolve_layers(args.layers, base.config.get_text_config().num_hidden_layers)
     config = CapreseConfig(backbone=args.backbone, density=args.density, r=args.rank, layers_to_transform=layers)
     return get_peft_model(base, config)
 
@@ -133,10 +123,6 @@ def _problems(args: argparse.Namespace) -> list:
     )
 
 
-def _method_layers(args: argparse.Namespace):
-    return args.layers if args.layers in (None, "all", "first-half") else _layers(args.layers, 0)
-
-
 def _info(args: argparse.Namespace) -> dict:
     return {"model": args.model, "data": str(args.data), "split": args.split}
 
@@ -188,7 +174,7 @@ def _eval(args: argparse.Namespace) -> None:
     # everything that can be checked without the model fails here, before the model loads
     problems = _problems(args)
     cards = _card_targets(args)
-    layers = _method_layers(args)
+    layers = args.layers
     model, tokenizer = load_model(args.model)
     start = time.perf_counter()
     results = evaluate_methods(
@@ -239,7 +225,7 @@ def _sweep(args: argparse.Namespace) -> None:
         densities=densities,
         adapters=args.adapter,
         backbone=args.backbone,
-        layers=_method_layers(args),
+        layers=args.layers,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         kl_batch_size=args.kl_batch_size,
@@ -270,7 +256,7 @@ def _coverage(args: argparse.Namespace) -> None:
         adapters=args.adapter,
         backbone=args.backbone,
         density=args.density,
-        layers=_method_layers(args),
+        layers=args.layers,
         temperature=args.temperature,
         top_p=args.top_p,
         max_new_tokens=args.max_new_tokens,

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
 from peft.utils import TaskType
 
-from .backbones import available_backbones, get_backbone, reselection_backbones
+from .backbones import available_backbones, check_density, get_backbone, reselection_backbones
 from .registration import CAPRESE
+
+
+def resolve_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int] | None:
+    """Decoder layer indices from ``"all"`` (or None: every layer), ``"first-half"``, ``"0,1,2"`` or a list."""
+    if spec is None or spec == "all":
+        return None
+    if spec == "first-half":
+        return list(range(n_layers // 2))
+    try:
+        return [int(i) for i in (spec.split(",") if isinstance(spec, str) else spec)]
+    except (TypeError, ValueError):
+        raise ValueError(f"layers takes 'all', 'first-half' or layer indices such as '0,1,2', got {spec!r}.") from None
 
 
 @dataclass
@@ -115,13 +128,7 @@ class CapreseConfig(PeftConfig):
             self.backbone = self.backbone.lower()
         if self.backbone not in available_backbones():
             get_backbone(self.backbone)  # raises with the list of known backbones
-        if isinstance(self.density, bool) or not isinstance(self.density, (int, float)):
-            raise TypeError(f"density must be a number in (0, 1], got {self.density!r}.")
-        if not 0.0 < float(self.density) <= 1.0:
-            raise ValueError(
-                f"density must lie in (0, 1] (the fraction of feed-forward neurons kept), got {self.density}."
-            )
-        self.density = float(self.density)
+        self.density = check_density(self.density)
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r must be an integer >= 1 (the rank of x @ L @ R), got {self.r!r}.")
         if self.reselect_every is not None:

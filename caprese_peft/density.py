@@ -7,14 +7,8 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from .backbones import check_density
 from .layer import CapreseLayer
-
-
-def check_density(density: float) -> float:
-    """``density`` as a float, or a ValueError saying that it must lie in (0, 1]."""
-    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
-        raise ValueError(f"density must lie in (0, 1] (the fraction of feed-forward neurons kept), got {density!r}.")
-    return float(density)
 
 
 def _backbones(model: nn.Module, adapter_name: str | None) -> list:
@@ -67,4 +61,4 @@ def test_time_density(model: nn.Module, density: float, adapter_name: str | None
 
 test_time_density.__test__ = False  # its name starts with "test": keep pytest from collecting it where imported
 
-__all__ = ["check_density", "test_time_density"]
+__all__ = ["test_time_density"]

@@ -1,6 +1,13 @@
 """Sparse feed-forward backbones, as pure-torch references."""
 
-from .base import Backbone, available_backbones, get_backbone, register_backbone, reselection_backbones
+from .base import (
+    Backbone,
+    available_backbones,
+    check_density,
+    get_backbone,
+    register_backbone,
+    reselection_backbones,
+)
 from .cats import Cats, CatsStats
 from .griffin import Griffin, GriffinStats
 
@@ -11,6 +18,7 @@ __all__ = [
     "Griffin",
     "GriffinStats",
     "available_backbones",
+    "check_density",
     "get_backbone",
     "register_backbone",
     "reselection_backbones",

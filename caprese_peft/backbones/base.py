@@ -22,9 +22,7 @@ class Backbone(ABC):
     name: ClassVar[str]
 
     def __init__(self, density: float) -> None:
-        if not 0.0 < density <= 1.0:
-            raise ValueError(f"density must lie in (0, 1], got {density}.")
-        self.density = float(density)
+        self.density = check_density(density)
 
     @abstractmethod
     def calibrate(self, gate: torch.Tensor, z: torch.Tensor, token_mask: torch.Tensor) -> Any:
@@ -55,6 +53,13 @@ class Backbone(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(density={self.density})"
+
+
+def check_density(density: float) -> float:
+    """``density`` as a float, or a ValueError saying that it must lie in (0, 1]."""
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"density must lie in (0, 1] (the fraction of feed-forward neurons kept), got {density!r}.")
+    return float(density)
 
 
 def register_backbone(cls: type[Backbone]) -> type[Backbone]:

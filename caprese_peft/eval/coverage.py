@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..density import check_density
+from ..backbones import check_density
 from .output import staged_output
 from .report import check_inputs, device_name, frozen, method_model, param_counts, plan_methods
 

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..density import check_density
+from ..backbones import check_density
+from ..config import resolve_layers
 from ..distill.synth import INSTRUCTION, read_records
 from .output import check_output_dir, staged_output
 
@@ -117,16 +118,6 @@ def _is_messages(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
 
 
-def _resolve_layers(layers: str | Sequence[int] | None, n_layers: int) -> list[int] | None:
-    if layers is None or layers == "all":
-        return None
-    if layers == "first-half":
-        return list(range(n_layers // 2))
-    if isinstance(layers, str):
-        raise ValueError(f"layers takes 'all', 'first-half' or a list of layer indices, got {layers!r}.")
-    return [int(i) for i in layers]
-
-
 def _backbone_label(backbone: str, density: float, layers: list[int] | None, n_layers: int) -> str:
     label = f"{backbone} {density:g}"
     if layers is None or sorted(layers) == list(range(n_layers)):
@@ -197,7 +188,7 @@ def plan_methods(
                 backbone=backbone or DEFAULT_BACKBONE,
                 density=check_density(DEFAULT_DENSITY if density is None else density),
                 r=1,  # R = 0: the correction vanishes and the backbone runs alone
-                layers_to_transform=_resolve_layers(layers, n_layers),
+                layers_to_transform=resolve_layers(layers, n_layers),
             )
         )
     else:  # the backbones of the adapters themselves, each once

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..density import check_density, test_time_density
+from ..backbones import check_density
+from ..density import test_time_density
 from .output import staged_output
 from .report import (
     DENSE,
