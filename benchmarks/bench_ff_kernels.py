@@ -39,7 +39,7 @@ if "--smoke" in sys.argv[1:] and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from benchmarks.common import RESULTS, copy_bandwidth_gbps, run_metadata, slug, time_ms  # noqa: E402
-from caprese_peft.merged import cats_merged_ff, griffin_fused_ff, griffin_merged_weights  # noqa: E402
+from caprese_peft.sparse_ff import cats_merged_ff, griffin_fused_ff, griffin_merged_weights  # noqa: E402
 
 MODELS = {"llama-3.1-8b": (4096, 14336), "qwen2.5-14b": (5120, 13824)}  # (hidden D, intermediate F)
 SMOKE_MODEL = {"smoke": (64, 176)}

@@ -13,8 +13,7 @@
 #   e2e-qwen-b   Qwen2.5-14B: cats, caprese-cats                              ~ 5-7 min
 #   summary      benchmarks/results/e2e/summary.md from every e2e JSON so far  < 1 min
 #
-# E2E_COMPILE (default reduce-overhead) picks FastDecoder's compile mode for the e2e stages; if torch.compile fails
-# on the GPU's torch, E2E_COMPILE=cudagraph captures the eager step in one CUDA graph instead (slower, no fusion).
+# E2E_COMPILE (default reduce-overhead) picks FastDecoder's compile mode for the e2e stages.
 #
 # Results land in benchmarks/results/ (ff_kernels_*.csv, e2e/*.json, e2e/*.md, logs/); when $OUT is set (the
 # device runner), they are also copied there after every stage, so a stage cut off by the time limit still

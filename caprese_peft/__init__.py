@@ -5,28 +5,28 @@
 """
 
 from .accounting import ParameterReport, parameter_report
-from .backbones import Backbone, available_backbones, register_backbone
+from .backbones import Backbone, SparseDecoder, available_backbones, register_backbone
 from .config import CapreseConfig
 from .decoding import decode_impl, release_decode_caches, set_decode_impl
 from .density import test_time_density
 from .fast_decode import FastDecoder
-from .layer import CapreseLayer
+from .layer import CapreseLayer, Observation
 from .loading import load_gguf_model, load_smollm2, smollm2_gguf_path
 from .model import CapreseModel
 from .model_card import update_model_card, write_model_card
 from .registration import CAPRESE, hook_model_card, register
-from .state import backbone_errors, layerwise_losses, teacher_forcing
+from .state import observing, teacher_forcing
 
 register(CapreseConfig, CapreseModel)
 hook_model_card(write_model_card)
 
 __version__ = "0.1.0"
 
-_DISTILL_EXPORTS = ("CapreseTrainer", "CapreseTrainingArguments")
+_DISTILL_EXPORTS = ("CapreseTrainer", "CapreseTrainingArguments", "layerwise_losses")
 
 
 def __getattr__(name: str):
-    # the trainer imports transformers.Trainer, which imports datasets: load it only when asked for
+    # distillation is an extra (the trainer imports transformers.Trainer, which imports datasets): load it when asked
     if name in _DISTILL_EXPORTS:
         from . import distill
 
@@ -40,16 +40,18 @@ __all__ = [
     "CapreseConfig",
     "CapreseLayer",
     "CapreseModel",
+    "Observation",
     "CapreseTrainer",
     "CapreseTrainingArguments",
     "FastDecoder",
     "ParameterReport",
+    "SparseDecoder",
     "available_backbones",
     "decode_impl",
     "load_gguf_model",
-    "backbone_errors",
     "layerwise_losses",
     "load_smollm2",
+    "observing",
     "parameter_report",
     "register_backbone",
     "release_decode_caches",

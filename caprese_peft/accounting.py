@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .layer import CapreseLayer
+from .layer import CapreseLayer, caprese_layers
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,7 @@ def parameter_report(model: nn.Module) -> ParameterReport:
     neurons of gate, up and down; CATS runs the whole gate projection and on average a ``density``
     fraction of up and down.
     """
-    layers = [m for m in model.modules() if isinstance(m, CapreseLayer)]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no Caprese layers; wrap it with get_peft_model first.")
+    layers = caprese_layers(model)
     adapter_ids = {
         id(p)
         for layer in layers
@@ -57,7 +55,7 @@ def parameter_report(model: nn.Module) -> ParameterReport:
     for layer in layers:
         ff = 3 * layer.hidden_size * layer.intermediate_size
         ff_total += ff
-        name = layer._active()
+        name = layer.active_adapter_name()
         if name is None:
             continue
         active = layer.caprese_backbone[name].active_ff_weights(layer.hidden_size, layer.intermediate_size)

@@ -1,6 +1,7 @@
 """Choose how the Caprese layers of a model compute generated tokens: merged weights and kernels, or the reference.
 
-Three implementations, all computing the same values (up to the order of floating-point sums):
+Each backbone brings its ``SparseDecoder`` (``caprese_peft.backbones``); these functions set, for every layer,
+which of its implementations runs. Three, all computing the same values (up to the order of floating-point sums):
 
 - ``"reference"``: the unmerged formula ``down(act(gate(x)) * up(x) * keep) + x @ L @ R``; reads every FF weight.
 - ``"merged"``: paper appendix D. GRIFFIN materialises, once per prompt batch, each sequence's pruned weights with
@@ -22,15 +23,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from .layer import DECODE_IMPLS, CapreseLayer
-
-
-def caprese_layers(model: nn.Module) -> list[CapreseLayer]:
-    """The Caprese layers of ``model`` (a PEFT model, its tuner or the wrapped transformers model)."""
-    layers = [m for m in model.modules() if isinstance(m, CapreseLayer)]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no Caprese layers; wrap it with peft.get_peft_model first.")
-    return layers
+from .layer import DECODE_IMPLS, caprese_layers
 
 
 def set_decode_impl(model: nn.Module, impl: str = "auto", *, use_kernels: bool | None = None) -> None:

@@ -8,13 +8,11 @@ from contextlib import contextmanager
 from torch import nn
 
 from .backbones import check_density
-from .layer import CapreseLayer
+from .layer import caprese_layers
 
 
 def _backbones(model: nn.Module, adapter_name: str | None) -> list:
-    layers = [m for m in model.modules() if isinstance(m, CapreseLayer)]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no Caprese layers; load or create a Caprese adapter first.")
+    layers = caprese_layers(model)
     if adapter_name is None:
         names = {a for layer in layers for a in layer.active_adapters if a in layer.caprese_backbone}
     else:

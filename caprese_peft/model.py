@@ -7,7 +7,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import CapreseConfig
-from .layer import CapreseLayer, gated_mlp_problem
+from .layer import CapreseLayer, gated_mlp_problem, named_caprese_layers
 from .registration import PREFIX
 from .state import GenerationState
 
@@ -51,12 +51,21 @@ class CapreseModel(BaseTuner):
 
     def _reselect_every(self) -> int | None:
         """The reselection interval of the adapter generating now; None when no Caprese adapter runs."""
-        layer = getattr(self, "_first_layer", None)
-        if layer is None:  # asked at every decode step: find the layer once, not by walking the model each time
-            layer = next((m for m in self.model.modules() if isinstance(m, CapreseLayer)), None)
-            object.__setattr__(self, "_first_layer", layer)
-        adapter = layer._active() if layer is not None else None
-        return None if adapter is None else self.peft_config[adapter].reselect_every
+        adapters = self.active_adapters
+        if len(adapters) != 1 or adapters[0] not in self.peft_config:
+            return None
+        adapter = adapters[0]
+        # asked at every decode step: find a layer of the adapter once, not by walking the model each time
+        layers = self.__dict__.setdefault("_layer_of_adapter", {})
+        if adapter not in layers:
+            layers[adapter] = next((m for m in self.model.modules() if adapter in getattr(m, "caprese_L", {})), None)
+        layer = layers[adapter]
+        if layer is None or layer.active_adapter_name() != adapter:  # disabled, or covering no layer
+            return None
+        return self.peft_config[adapter].reselect_every
+
+    def _forget_layers(self) -> None:
+        self.__dict__.pop("_layer_of_adapter", None)
 
     def _prepare_adapter_config(self, peft_config: CapreseConfig, model_config: dict) -> CapreseConfig:
         if peft_config.target_modules is None:
@@ -66,6 +75,7 @@ class CapreseModel(BaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         self._check_config(model, self.peft_config[adapter_name])
+        self._forget_layers()
         super().inject_adapter(model, adapter_name, **kwargs)
 
     def _check_config(self, model: nn.Module, config: CapreseConfig) -> None:
@@ -156,7 +166,7 @@ class CapreseModel(BaseTuner):
             handle.remove()
         object.__setattr__(self, "_caprese_hooks", [])
         # PEFT's generic unloading assumes the wrapped module has a `weight`; an MLP block has none
-        layers = [(name, m) for name, m in self.model.named_modules() if isinstance(m, CapreseLayer)]
+        layers = list(named_caprese_layers(self.model).items())
         for name, layer in tqdm(layers, disable=not progressbar, desc="Unloading Caprese layers"):
             parent_name, _, child_name = name.rpartition(".")
             setattr(self.model.get_submodule(parent_name), child_name, layer.get_base_layer())

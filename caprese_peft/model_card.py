@@ -165,17 +165,15 @@ def write_model_card(model: Any, output_dir: str | os.PathLike, peft_update: Any
 
     ``peft_update`` is PEFT's own card update (library, tags, base model, PEFT version), run on our card.
     """
+    from .accounting import parameter_report
     from .layer import CapreseLayer
 
     folder = Path(output_dir)
     path = folder / CARD_FILE
     _, config = _caprese_config(model)
-    layers = [m for m in model.modules() if isinstance(m, CapreseLayer)]
     update = dict(getattr(model, _RECORDED_ON_MODEL, {}))
-    update["blocks"] = len(layers)
-    if layers:
-        from .accounting import parameter_report
-
+    update["blocks"] = sum(isinstance(m, CapreseLayer) for m in model.modules())
+    if update["blocks"]:
         update["adapter_params"] = parameter_report(model).adapter
     carried_tags: list[str] = []
     if path.is_file():

@@ -26,8 +26,7 @@ class Phase(enum.Enum):
     PREFILL = "prefill"  # dense FF on every token; backbone statistics from the real prompt tokens
     DECODE = "decode"  # sparse FF + low-rank correction, statistics from the last prefill
     TEACHER_FORCED = "teacher_forced"  # prompt tokens as prefill, the rest as decode, in one pass
-    LAYERWISE = "layerwise"  # dense outputs everywhere; each layer scores its sparse + low-rank output locally
-    MOMENTS = "moments"  # dense outputs everywhere; each layer hands its inputs and backbone error to an observer
+    OBSERVED = "observed"  # dense outputs everywhere; each layer shows an observer what its backbone keeps
     RESELECT = "reselect"  # the tokens decoded since the last reselection, rerun dense; statistics updated
 
 
@@ -37,8 +36,7 @@ class Step:
     token_mask: torch.Tensor  # (batch, seq) bool: prompt tokens that feed the statistics
     sparse_mask: torch.Tensor | None = None  # (batch, seq) bool: tokens run sparse (teacher forcing)
     generation: int = 0  # counts prefills, so a decode step never reads statistics of another prompt
-    losses: list | None = None  # LAYERWISE: each Caprese layer appends its MSE here
-    observe: Callable[..., None] | None = None  # MOMENTS: called as observe(layer, x, FF(x) - FF_sparse(x))
+    observe: Callable[[Any], None] | None = None  # OBSERVED: called with each layer's caprese_peft.Observation
 
 
 def cache_argument(model: nn.Module) -> str:
@@ -65,7 +63,7 @@ class GenerationState:
         self.step: Step | None = None
         self.generation = 0
         self.batch_size: int | None = None
-        self._forced: tuple | None = None  # (phase, prompt_mask, sparse_mask, losses, observe)
+        self._forced: tuple | None = None  # (phase, prompt_mask, sparse_mask, observe)
         # the reselection interval of the adapter in use (None: never reselect), asked at every decode step
         self.reselect_every = reselect_every or (lambda: None)
         self._window: list[torch.Tensor] = []  # (batch, 1) ids decoded sparse since the last prefill or reselection
@@ -170,12 +168,12 @@ class GenerationState:
         return attention_mask[:, -seq:].to(device=device, dtype=torch.bool)
 
     def _teacher_forced_step(self, batch: int, seq: int) -> Step:
-        phase, prompt_mask, sparse_mask, losses, observe = self._forced
+        phase, prompt_mask, sparse_mask, observe = self._forced
         if prompt_mask.shape != (batch, seq):
             raise ValueError(
                 f"Got a prompt mask of shape {tuple(prompt_mask.shape)} for inputs of shape {(batch, seq)}."
             )
-        return Step(phase, prompt_mask, sparse_mask=sparse_mask, losses=losses, observe=observe)
+        return Step(phase, prompt_mask, sparse_mask=sparse_mask, observe=observe)
 
     @contextmanager
     def forced(
@@ -183,11 +181,10 @@ class GenerationState:
         phase: Phase,
         prompt_mask: torch.Tensor,
         sparse_mask: torch.Tensor,
-        losses: list | None = None,
-        observe: Callable[..., None] | None = None,
+        observe: Callable[[Any], None] | None = None,
     ) -> Iterator[None]:
         previous = self._forced
-        self._forced = (phase, prompt_mask, sparse_mask, losses, observe)
+        self._forced = (phase, prompt_mask, sparse_mask, observe)
         try:
             yield
         finally:
@@ -239,35 +236,20 @@ def teacher_forcing(
 
 
 @contextmanager
-def layerwise_losses(
-    model: nn.Module, prompt_mask: torch.Tensor, attention_mask: torch.Tensor | None = None
-) -> Iterator[list[torch.Tensor]]:
-    """Run forwards of ``model`` densely while every Caprese layer scores itself (paper equation 7).
-
-    Each layer sees the input ``x`` the original model gives it, computes backbone statistics from
-    the prompt tokens, and appends to the yielded list the mean over the other (real) tokens of
-    ``mean_d (FF(x) - FF_sparse(x) - x L R)^2``; it passes the dense output on, so all layers
-    train in parallel from one forward pass. Sum the list for the layer-wise loss.
-    """
-    prompt_mask, sparse_mask = _split_masks(prompt_mask, attention_mask)
-    losses: list[torch.Tensor] = []
-    with find_state(model).forced(Phase.LAYERWISE, prompt_mask, sparse_mask, losses):
-        yield losses
-
-
-@contextmanager
-def backbone_errors(
+def observing(
     model: nn.Module,
-    observe: Callable[..., None],
+    observe: Callable[[Any], None],
     prompt_mask: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
 ) -> Iterator[None]:
-    """Run forwards of ``model`` densely while every Caprese layer reports ``observe(layer, x, FF(x) - FF_sparse(x))``.
+    """Run forwards of ``model`` densely while every Caprese layer shows ``observe`` a ``caprese_peft.Observation``.
 
-    ``x`` is the layer's input ``(batch, seq, hidden)`` as the original model gives it, the error is the
-    backbone's on those inputs, with statistics from the prompt tokens; the observer picks the rows it
-    needs (continuation tokens: ``find_state(model).step.sparse_mask``). The regression of equation 7.
+    Each layer sees the input ``x`` the original model gives it, calibrates its backbone on the prompt tokens,
+    and hands the observer its input, intermediate features, kept neurons and dense output; it passes the dense
+    output on, so every layer observes the original model's activations. The observer picks the rows it needs
+    (continuation tokens: ``find_state(model).step.sparse_mask``). Distillation builds its layer-wise loss
+    (paper equation 7) and the closed form's regression on this.
     """
     prompt_mask, sparse_mask = _split_masks(prompt_mask, attention_mask)
-    with find_state(model).forced(Phase.MOMENTS, prompt_mask, sparse_mask, observe=observe):
+    with find_state(model).forced(Phase.OBSERVED, prompt_mask, sparse_mask, observe=observe):
         yield

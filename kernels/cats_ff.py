@@ -1,6 +1,6 @@
 """Fused CATS + low-rank feed-forward for decode tokens, as a thresholded GEMV that skips inactive neurons.
 
-Torch reference: ``caprese_peft.merged.cats_merged_ff``. The low-rank factors are appended to the FF weights
+Torch reference: ``caprese_peft.sparse_ff.cats_merged_ff``. The low-rank factors are appended to the FF weights
 as ``r`` always-active neurons (``up = [W1; L^T]``, ``down_t = [W2^T; R]``, both ``(F + r, D)`` and
 neuron-major), so one kernel pair serves the sparse block and the correction. Three steps per call:
 
@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from caprese_peft.merged import ACTIVATIONS, cats_merged_ff, check_ff_weights
+from caprese_peft.sparse_ff import ACTIVATIONS, cats_merged_ff, check_ff_weights
 
 MAX_BATCH = 8  # one token per sequence; the (batch, neurons, hidden) register tile grows with the batch
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -97,7 +97,7 @@ def _cats_up_kernel(
 ):
     """``z = act(gate) * (|act(gate)| > threshold) * (x @ UP^T)`` for BLOCK_N neurons; gate 1 for the last r.
 
-    Part of the fused op whose torch reference is ``caprese_peft.merged.cats_merged_ff``.
+    Part of the fused op whose torch reference is ``caprese_peft.sparse_ff.cats_merged_ff``.
     """
     rows = tl.arange(0, BLOCK_B)
     row_ok = rows < n_rows
@@ -167,7 +167,7 @@ def _cats_down_kernel(
 ):
     """``OUT += z[:, chunk] @ DOWN_T[chunk, cols]`` for one block of outputs and one chunk of neurons.
 
-    Part of the fused op whose torch reference is ``caprese_peft.merged.cats_merged_ff``.
+    Part of the fused op whose torch reference is ``caprese_peft.sparse_ff.cats_merged_ff``.
     """
     rows = tl.arange(0, BLOCK_B)
     row_ok = rows < n_rows
@@ -252,7 +252,7 @@ def _check_op_inputs(
     if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_BATCH:
         raise ValueError(
             f"x must be (B, D) with one decode token per sequence and 1 <= B <= {MAX_BATCH}, got {tuple(x.shape)}; "
-            "use caprese_peft.merged.cats_merged_ff for longer inputs."
+            "use caprese_peft.sparse_ff.cats_merged_ff for longer inputs."
         )
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"x must be one of {SUPPORTED_DTYPES}, got {x.dtype}.")

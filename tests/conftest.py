@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from peft import get_peft_model  # noqa: E402
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
@@ -23,7 +24,7 @@ from transformers import (
     Qwen3Config,
 )
 
-import caprese_peft  # noqa: F401  (registers the CAPRESE PEFT type)
+import caprese_peft  # noqa: E402  (registers the CAPRESE PEFT type)
 
 VOCAB = 96
 _COMMON = dict(
@@ -61,6 +62,25 @@ def tiny_model(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
     model.generation_config.pad_token_id = 0
     model.generation_config.do_sample = False
     return model.eval()
+
+
+def wrap(model: torch.nn.Module | str, dtype: torch.dtype | None = None, **options):
+    """``model`` (or a tiny model of that architecture) with a Caprese adapter.
+
+    Defaults: density 0.5, r 8 and a random ``R`` (``init_weights=False``), so that the correction visibly acts;
+    ``options`` override them and add any other ``CapreseConfig`` field.
+    """
+    if isinstance(model, str):
+        model = tiny_model(model)
+    if dtype is not None:
+        model = model.to(dtype)
+    config = caprese_peft.CapreseConfig(**{"density": 0.5, "r": 8, "init_weights": False, **options})
+    return get_peft_model(model, config)
+
+
+def layers_of(model) -> list:
+    """The Caprese layers of ``model``, in order."""
+    return caprese_peft.layer.caprese_layers(model)
 
 
 @pytest.fixture(params=sorted(ARCHITECTURES))
@@ -123,7 +143,10 @@ def greedy(model, ids, mask, n: int = 6):
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Matrices of 48 x 90 run fastest on one thread; more only contend with whatever else the machine runs."""
+    """Matrices of 48 x 90 run fastest on one thread; more only contend with whatever else the machine runs.
+
+    bf16 on 2 busy cores is 500x slower with two. Modules opt in with ``pytestmark = usefixtures("one_thread")``.
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -132,13 +155,10 @@ def one_thread():
 
 def factors_of(peft_model, adapter: str = "default") -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """``{decoder layer index: (L, R)}`` of every Caprese layer of ``peft_model``, detached."""
-    from caprese_peft import CapreseLayer
-
     found = {}
-    for name, module in peft_model.named_modules():
-        if isinstance(module, CapreseLayer):
-            idx = int(name.split(".layers.")[1].split(".")[0])
-            found[idx] = (module.caprese_L[adapter].detach(), module.caprese_R[adapter].detach())
+    for name, module in caprese_peft.layer.named_caprese_layers(peft_model).items():
+        idx = int(name.split(".layers.")[1].split(".")[0])
+        found[idx] = (module.caprese_L[adapter].detach(), module.caprese_R[adapter].detach())
     return found
 
 

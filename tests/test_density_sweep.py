@@ -9,11 +9,11 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from caprese_peft import CapreseConfig, CapreseLayer, parameter_report, test_time_density
+from caprese_peft import CapreseConfig, parameter_report, test_time_density
 from caprese_peft.cli import main
 from caprese_peft.eval.sweep import SWEEP_FILES
 
-from conftest import greedy, random_prompts, tiny_model, tiny_tokenizer
+from conftest import greedy, layers_of, random_prompts, tiny_model, tiny_tokenizer
 
 QUESTIONS = ["what is two plus three", "what is three plus two", "think what is five"]
 FAST = ["--max-new-tokens", "4", "--batch-size", "3", "--split", "all"]
@@ -29,7 +29,7 @@ def caprese(backbone: str, density: float, base=None):
 
 
 def densities(model) -> set[float]:
-    return {m.caprese_backbone["default"].density for m in model.modules() if isinstance(m, CapreseLayer)}
+    return {m.caprese_backbone["default"].density for m in layers_of(model)}
 
 
 @pytest.mark.parametrize("backbone", ["cats", "griffin"])

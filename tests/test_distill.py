@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import TrainingArguments
 
-from caprese_peft import CapreseConfig, CapreseLayer, layerwise_losses, teacher_forcing
+from caprese_peft import CapreseConfig, layerwise_losses, teacher_forcing
 from caprese_peft.distill import (
     CapreseDataCollator,
     CapreseTrainer,
@@ -22,8 +22,9 @@ from caprese_peft.distill import (
     prepare_dataset,
 )
 from caprese_peft.distill.closed_form import collect_moments, fit_closed_form, reduced_rank_solution, set_closed_form
+from caprese_peft.layer import named_caprese_layers
 
-from conftest import VOCAB, greedy, tiny_model, tiny_tokenizer
+from conftest import VOCAB, greedy, tiny_model, tiny_tokenizer, wrap
 
 ADAPTER = dict(backbone="cats", density=0.5, r=8)
 # learning rates suited to the tiny random models (the paper's are for billion-parameter models)
@@ -42,8 +43,9 @@ def id_records(n: int = 8, seed: int = 0, prompt=(4, 10), completion=(3, 8)) -> 
     return records
 
 
-def wrap(arch: str = "llama", seed: int = 0):
-    return get_peft_model(tiny_model(arch, seed=seed), CapreseConfig(**ADAPTER))
+def student(arch: str = "llama", seed: int = 0):
+    """A fresh adapter to distil: ``R = 0``, so it starts as the backbone alone, as in the paper."""
+    return wrap(tiny_model(arch, seed=seed), init_weights=True, **ADAPTER)
 
 
 def training_args(tmp_path, **overrides) -> CapreseTrainingArguments:
@@ -254,24 +256,24 @@ def test_trainer_rejects_models_without_a_trainable_caprese_adapter(tmp_path):
         CapreseTrainer(lora, args, train_dataset=data)
 
     saved = tmp_path / "adapter"
-    wrap().save_pretrained(saved)
+    student().save_pretrained(saved)
     frozen = PeftModel.from_pretrained(tiny_model("llama"), saved)
     with pytest.raises(ValueError, match="is_trainable=True"):
         CapreseTrainer(frozen, args, train_dataset=data)
     with pytest.raises(TypeError, match="takes CapreseTrainingArguments"):
-        CapreseTrainer(wrap(), TrainingArguments(output_dir=str(tmp_path)), train_dataset=data)
+        CapreseTrainer(student(), TrainingArguments(output_dir=str(tmp_path)), train_dataset=data)
 
 
 def test_trainer_rejects_bad_datasets_before_training(tmp_path, tokenizer):
     with pytest.raises(ValueError, match=r"found fields \['text'\]"):
-        CapreseTrainer(wrap(), training_args(tmp_path), train_dataset=[{"text": "what is two"}])
+        CapreseTrainer(student(), training_args(tmp_path), train_dataset=[{"text": "what is two"}])
     records = [{"prompt": [5, 6], "completion": [7, 8]}, {"prompt": [5, 6, 7, 8, 9], "completion": [7]}]
     with pytest.raises(ValueError, match="Record 1: max_length=4 truncates the whole completion"):
-        CapreseTrainer(wrap(), training_args(tmp_path, max_length=4), train_dataset=records)
+        CapreseTrainer(student(), training_args(tmp_path, max_length=4), train_dataset=records)
     with pytest.raises(ValueError, match="need a tokenizer"):
-        CapreseTrainer(wrap(), training_args(tmp_path), eval_dataset=[{"prompt": "two", "completion": " five"}])
+        CapreseTrainer(student(), training_args(tmp_path), eval_dataset=[{"prompt": "two", "completion": " five"}])
 
-    trainer = CapreseTrainer(wrap(), training_args(tmp_path), train_dataset=id_records(2))
+    trainer = CapreseTrainer(student(), training_args(tmp_path), train_dataset=id_records(2))
     batch = trainer.data_collator([trainer.train_dataset[0]])
     del batch["prompt_mask"]
     with pytest.raises(ValueError, match=r"The batch lacks \['prompt_mask'\]"):
@@ -281,7 +283,7 @@ def test_trainer_rejects_bad_datasets_before_training(tmp_path, tokenizer):
 def test_compute_loss_on_every_architecture(arch, tmp_path):
     """Both losses run on each supported decoder, are positive, and send gradients to L and R only."""
     for stage in ("layerwise", "e2e"):
-        peft_model = wrap(arch)
+        peft_model = student(arch)
         with torch.no_grad():  # a non-zero correction, so that L gets a gradient too
             for name, p in peft_model.named_parameters():
                 if "caprese_R" in name:
@@ -302,7 +304,7 @@ def test_compute_loss_on_every_architecture(arch, tmp_path):
 def trained(request, tmp_path_factory):
     """A tiny Llama distilled for 8 epochs on 8 fixed records, with its eval loss and weights from before."""
     stage = request.param
-    peft_model = wrap()
+    peft_model = student()
     records = id_records(8)
     options = dict(stage=stage, learning_rate=STAGE_LR[stage], num_train_epochs=8, per_device_train_batch_size=8)
     if stage == "e2e":  # gradient accumulation: two batches of 4 per step
@@ -327,7 +329,7 @@ def test_training_lowers_the_loss(trained):
     assert after < 0.8 * before["eval"], (before["eval"], after)
     # the eval loss before training is the stage's loss of the pure backbone, computed independently here
     batch = CapreseDataCollator()(list(trainer.train_dataset))
-    reference = wrap()
+    reference = student()
     mask, prompt = batch["attention_mask"], batch["prompt_mask"]
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
@@ -340,14 +342,14 @@ def test_training_lowers_the_loss(trained):
                 batch["input_ids"], attention_mask=mask, position_ids=positions, output_hidden_states=True
             )
             with teacher_forcing(reference, prompt, mask):
-                student = reference(
+                forced = reference(
                     input_ids=batch["input_ids"],
                     attention_mask=mask,
                     position_ids=positions,
                     output_hidden_states=True,
                 )
             sel = mask.bool() & ~prompt
-            want = (student.hidden_states[-1][sel] - teacher.hidden_states[-1][sel]).square().mean().item()
+            want = (forced.hidden_states[-1][sel] - teacher.hidden_states[-1][sel]).square().mean().item()
     assert before["eval"] == pytest.approx(want, rel=1e-5)
 
 
@@ -382,12 +384,12 @@ def test_trained_adapter_reloads_with_identical_outputs(trained, tmp_path):
 def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path):
     options = dict(max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2, save_strategy="steps", save_steps=2)
     records = id_records(6, seed=3)
-    full = wrap()
+    full = student()
     CapreseTrainer(full, training_args(tmp_path / "full", **options), train_dataset=records).train()
     checkpoint = tmp_path / "full" / "checkpoint-2"
     assert (checkpoint / "adapter_model.safetensors").is_file()
 
-    resumed = wrap()
+    resumed = student()
     CapreseTrainer(resumed, training_args(tmp_path / "resumed", **options), train_dataset=records).train(
         resume_from_checkpoint=str(checkpoint)
     )
@@ -400,14 +402,14 @@ def test_activation_checkpointing_trains_the_same(stage, tmp_path):
     """Layers recomputed in the backward pass see the step they ran with, so the updates do not change."""
     results = []
     for checkpointing in (False, True):
-        peft_model = wrap()
+        peft_model = student()
         options = dict(stage=stage, max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2)
         args = training_args(tmp_path / str(checkpointing), activation_checkpointing=checkpointing, **options)
         CapreseTrainer(peft_model, args, train_dataset=id_records(4)).train()
         assert peft_model.get_base_model().is_activation_checkpointing == checkpointing
         results.append(factors(peft_model))
     plain, checkpointed = results
-    assert all(not torch.equal(plain[n], factors(wrap())[n]) for n in plain if "caprese_R" in n)
+    assert all(not torch.equal(plain[n], factors(student())[n]) for n in plain if "caprese_R" in n)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
 
@@ -418,7 +420,7 @@ def test_trainer_tokenizes_chat_records(tmp_path, tokenizer):
         for q, a in [("what is two plus three", "five"), ("the answer", "think five"), ("two plus two", "the answer")]
     ]
     trainer = CapreseTrainer(
-        wrap(),
+        student(),
         training_args(tmp_path, num_train_epochs=1, per_device_train_batch_size=3),
         train_dataset=records,
         processing_class=tokenizer,
@@ -470,12 +472,12 @@ def test_closed_form_reaches_the_measured_optimum_below_zero_init(backbone):
 
 
 def test_closed_form_matches_brute_force_reduced_rank_regression():
-    peft_model = wrap()
+    peft_model = student()
     collate = CapreseDataCollator()
     batches = [
         collate(list(prepare_dataset(id_records(4, seed=s, prompt=(6, 9), completion=(18, 24))))) for s in (1, 2)
     ]
-    layer_name, layer = next((n, m) for n, m in peft_model.named_modules() if isinstance(m, CapreseLayer))
+    layer_name, layer = next(iter(named_caprese_layers(peft_model).items()))
 
     # brute force: materialise X and Y of one layer over both batches, then lstsq + SVD in fp64
     xs, ys = [], []

@@ -11,7 +11,7 @@ pytest.importorskip("triton", reason="Triton is not installed, so its kernels ca
 
 import torch.nn.functional as F  # noqa: E402
 
-from caprese_peft.merged import cats_merged_ff  # noqa: E402
+from caprese_peft.sparse_ff import cats_merged_ff  # noqa: E402
 from kernels import (  # noqa: E402
     INTERPRET,
     MAX_BATCH,

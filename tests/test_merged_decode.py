@@ -4,36 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import get_peft_model
 
-from caprese_peft import CapreseConfig, CapreseLayer, decode_impl, release_decode_caches, set_decode_impl
+from caprese_peft import decode_impl, release_decode_caches, set_decode_impl
 from caprese_peft.backbones import GriffinStats
 from caprese_peft.state import Phase, Step, find_state
 
-from conftest import greedy, random_prompts, tiny_model
+from conftest import greedy, layers_of, random_prompts, tiny_model, wrap
 
 NEW_TOKENS = 6
 # logits of the tiny models reach ~10; bf16 rounds them (and every activation before them) to ~3 digits
 LOGIT_TOL = {torch.float32: 1e-4, torch.bfloat16: 0.25}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matmuls: a second thread only adds contention (bf16 on 2 busy cores is 500x slower with two)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def wrap(arch: str, dtype: torch.dtype = torch.float32, **options):
-    model = tiny_model(arch).to(dtype)
-    options = {"density": 0.5, "r": 8, "init_weights": False, **options}
-    return get_peft_model(model, CapreseConfig(**options))
-
-
-def layers_of(model) -> list[CapreseLayer]:
-    return [m for m in model.modules() if isinstance(m, CapreseLayer)]
+def built(layer) -> object:
+    """What the layer's decoder built for its fast path (GRIFFIN's pruned weights, CATS's kernel weights), or None."""
+    return layer.caprese_decoder["default"]._cache
 
 
 def assert_same_greedy(want, got, prompt_width: int, dtype: torch.dtype) -> None:
@@ -68,11 +56,10 @@ def test_merged_decode_matches_reference(arch, backbone, dtype):
     ids, mask = random_prompts([7, 3, 9])
     with decode_impl(model, "reference"):
         want = greedy(model, ids, mask, NEW_TOKENS)
-    assert all(layer._griffin_decode_cache is None and layer._cats_decode_cache is None for layer in layers_of(model))
+    assert all(built(layer) is None for layer in layers_of(model))
     with decode_impl(model, "merged"):
         got = greedy(model, ids, mask, NEW_TOKENS)
-    cache = "_griffin_decode_cache" if backbone == "griffin" else "_cats_decode_cache"
-    assert all(getattr(layer, cache) is not None for layer in layers_of(model)), "the merged path did not run"
+    assert all(built(layer) is not None for layer in layers_of(model)), "the merged path did not run"
     assert_same_greedy(want, got, ids.shape[1], dtype)
 
 
@@ -88,11 +75,10 @@ def test_auto_on_cpu_merges_griffin_and_leaves_cats_to_the_reference(lengths):
         assert_same_greedy(want, got, ids.shape[1], torch.float32)
         for layer in layers_of(model):
             assert layer.decode_impl == "auto"
-            assert (layer._griffin_decode_cache is not None) == merges
             # without the Triton kernel, merged CATS would read every weight from a copy: auto does not build it
-            assert layer._cats_decode_cache is None
+            assert (built(layer) is not None) == merges
         release_decode_caches(model)
-        assert all(layer._griffin_decode_cache is None for layer in layers_of(model))
+        assert all(built(layer) is None for layer in layers_of(model))
 
 
 def test_merged_decode_follows_reselection():
@@ -128,14 +114,14 @@ def test_griffin_weights_are_rebuilt_for_new_statistics():
     layer, x = decode_layer(wrap("llama", backbone="griffin"))
     first = run(layer, x, "merged")
     torch.testing.assert_close(first, run(layer, x, "reference"), rtol=1e-5, atol=1e-5)
-    built = layer._griffin_decode_cache[2]
-    assert run(layer, x, "merged") is not None and layer._griffin_decode_cache[2] is built  # reused, not rebuilt
+    weights = built(layer)[2]
+    assert run(layer, x, "merged") is not None and built(layer)[2] is weights  # reused, not rebuilt
 
     old = layer._stats
     score = old.score.roll(7, dims=-1)  # another selection, as a reselection would make
     layer._stats = GriffinStats(score=score, keep=old.keep.roll(7, dims=-1))
     second = run(layer, x, "merged")
-    assert layer._griffin_decode_cache[0] is layer._stats
+    assert built(layer)[0] is layer._stats
     torch.testing.assert_close(second, run(layer, x, "reference"), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(first, second, atol=1e-3)
 
@@ -153,16 +139,17 @@ def test_merged_weights_follow_in_place_updates_of_the_factors(backbone):
 
 def test_backbone_only_cats_weights_leave_the_factors_out():
     layer, _ = decode_layer(wrap("llama", backbone="cats"))
-    full, alone = layer.cats_decode_weights("default"), layer.cats_decode_weights("default", low_rank=False)
+    decoder = layer.caprese_decoder["default"]
+    full, alone = decoder.weights(), decoder.weights(low_rank=False)
     assert full.rank == 8 and alone.rank == 0
-    assert layer.cats_decode_weights("default") is full  # cached per (adapter, low_rank)
+    assert decoder.weights() is full  # cached per low_rank
 
 
 def test_steps_that_need_gradients_run_the_reference():
     layer, x = decode_layer(wrap("llama", backbone="griffin"))
     layer.decode_impl = "auto"
     out = layer(x)  # grad mode on, L and R require grad
-    assert layer._griffin_decode_cache is None
+    assert built(layer) is None
     out.sum().backward()
     assert layer.caprese_L["default"].grad is not None
     layer.decode_impl = "merged"
@@ -209,5 +196,5 @@ def test_cats_kernel_inside_the_layer_matches_reference():
         want = greedy(model, ids, mask, 4)
     with decode_impl(model, "auto", use_kernels=True):
         got = greedy(model, ids, mask, 4)
-    assert all(layer._cats_decode_cache is not None for layer in layers_of(model))
+    assert all(built(layer) is not None for layer in layers_of(model))
     assert_same_greedy(want, got, ids.shape[1], torch.float32)

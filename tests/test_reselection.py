@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 
-from caprese_peft import CapreseConfig, CapreseLayer
+from caprese_peft import CapreseConfig
 
-from conftest import factors_of, greedy, random_prompts, tiny_model
+from conftest import factors_of, greedy, layers_of, random_prompts, tiny_model, wrap
 
 NEW_TOKENS = 8
 
 
-def wrap(model, reselect_every, **options):
-    options = {"backbone": "griffin", "density": 0.4, "r": 8, "init_weights": False, **options}
-    return get_peft_model(model, CapreseConfig(reselect_every=reselect_every, **options))
+def reselecting(model, reselect_every, **options):
+    """``model`` with a GRIFFIN 0.4 adapter that reselects every ``reselect_every`` tokens."""
+    return wrap(model, **{"backbone": "griffin", "density": 0.4, "reselect_every": reselect_every, **options})
 
 
 def oracle_step_logits(base, sequence, n_dense, position, density, factors):
@@ -54,7 +54,7 @@ def oracle_step_logits(base, sequence, n_dense, position, density, factors):
 def test_reselection_matches_full_recompute_oracle(arch, interval):
     model = tiny_model(arch)
     reference = tiny_model(arch).requires_grad_(False)
-    peft_model = wrap(model, interval)
+    peft_model = reselecting(model, interval)
     ids, mask = random_prompts([7])
     sequences, logits = greedy(peft_model, ids, mask, n=NEW_TOKENS)
     prompt = ids.shape[1]
@@ -70,26 +70,26 @@ def test_interval_one_is_the_dense_model():
     reference = tiny_model("llama").requires_grad_(False)
     ids, mask = random_prompts([9, 5, 7])
     dense_tokens, dense_logits = greedy(reference, ids, mask, n=NEW_TOKENS)
-    tokens, logits = greedy(wrap(model, 1), ids, mask, n=NEW_TOKENS)
+    tokens, logits = greedy(reselecting(model, 1), ids, mask, n=NEW_TOKENS)
     assert torch.equal(tokens, dense_tokens)
     torch.testing.assert_close(logits, dense_logits, rtol=1e-4, atol=1e-4)
 
 
 def test_huge_interval_is_no_reselection():
     ids, mask = random_prompts([9, 5, 7])
-    never = greedy(wrap(tiny_model("qwen2"), None), ids, mask, n=NEW_TOKENS)
-    huge = greedy(wrap(tiny_model("qwen2"), 10_000), ids, mask, n=NEW_TOKENS)
+    never = greedy(reselecting(tiny_model("qwen2"), None), ids, mask, n=NEW_TOKENS)
+    huge = greedy(reselecting(tiny_model("qwen2"), 10_000), ids, mask, n=NEW_TOKENS)
     assert torch.equal(huge[0], never[0])
     assert torch.equal(huge[1], never[1])
     # and a finite interval does change the outputs
-    sometimes = greedy(wrap(tiny_model("qwen2"), 3), ids, mask, n=NEW_TOKENS)
+    sometimes = greedy(reselecting(tiny_model("qwen2"), 3), ids, mask, n=NEW_TOKENS)
     assert not torch.allclose(sometimes[1], never[1], atol=1e-3)
 
 
 def test_left_padded_batch_equals_each_row_alone():
     lengths = [9, 4, 6]
     ids, mask = random_prompts(lengths)
-    peft_model = wrap(tiny_model("mistral"), 3)
+    peft_model = reselecting(tiny_model("mistral"), 3)
     tokens, logits = greedy(peft_model, ids, mask, n=NEW_TOKENS)
     for row, n in enumerate(lengths):
         alone_tokens, alone_logits = greedy(peft_model, ids[row : row + 1, -n:], mask[row : row + 1, -n:], NEW_TOKENS)
@@ -98,10 +98,10 @@ def test_left_padded_batch_equals_each_row_alone():
 
 
 def test_statistics_after_reselection_cover_every_rerun_token():
-    peft_model = wrap(tiny_model("llama"), 2)
+    peft_model = reselecting(tiny_model("llama"), 2)
     ids, mask = random_prompts([6])
     sequences, _ = greedy(peft_model, ids, mask, n=5)  # decode steps 1..4: reselections after steps 2 and 4
-    layer = next(m for m in peft_model.modules() if isinstance(m, CapreseLayer))
+    layer = layers_of(peft_model)[0]
     seen = sequences[:, : ids.shape[1] + 4]  # the prompt and the four generated tokens fed back
     captured = {}
 
@@ -118,7 +118,7 @@ def test_statistics_after_reselection_cover_every_rerun_token():
 
 
 def test_config_round_trip_and_bad_values(tmp_path):
-    peft_model = wrap(tiny_model("llama"), 16)
+    peft_model = reselecting(tiny_model("llama"), 16)
     peft_model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
     assert loaded.peft_config["default"].reselect_every == 16
@@ -132,7 +132,7 @@ def test_config_round_trip_and_bad_values(tmp_path):
 def test_disabled_adapter_never_reselects():
     model = tiny_model("llama")
     reference = tiny_model("llama").requires_grad_(False)
-    peft_model = wrap(model, 1)
+    peft_model = reselecting(model, 1)
     ids, mask = random_prompts([5, 8])
     calls = []
     handle = peft_model.base_model.model.register_forward_pre_hook(

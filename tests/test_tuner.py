@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
-from peft import PeftConfig, PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel
 
 from caprese_peft import CapreseConfig, CapreseLayer, layerwise_losses, teacher_forcing
 
-from conftest import factors_of, greedy, random_prompts, tiny_model
+from conftest import factors_of, greedy, random_prompts, tiny_model, wrap
 
 CASES = {
     "cats": dict(backbone="cats", density=0.5, r=8),
@@ -24,10 +24,6 @@ NEW_TOKENS = 6
 @pytest.fixture(params=sorted(CASES))
 def case(request) -> dict:
     return CASES[request.param]
-
-
-def wrap(model, init_weights=False, **options):
-    return get_peft_model(model, CapreseConfig(init_weights=init_weights, **options))
 
 
 # ---- an independent oracle: recompute the whole sequence without a cache, sparse on non-prompt tokens ----

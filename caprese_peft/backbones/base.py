@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 _REGISTRY: dict[str, type[Backbone]] = {}
+# How a Caprese layer computes generated tokens; see caprese_peft.set_decode_impl.
+DECODE_IMPLS = ("auto", "merged", "reference")
 
 
 class Backbone(ABC):
@@ -20,6 +24,8 @@ class Backbone(ABC):
     """
 
     name: ClassVar[str]
+    # how generated tokens are computed; a backbone with a faster form than the masked reference names its own
+    decoder: ClassVar[type[SparseDecoder]]
 
     def __init__(self, density: float) -> None:
         self.density = check_density(density)
@@ -53,6 +59,92 @@ class Backbone(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(density={self.density})"
+
+
+class SparseDecoder:
+    """How one Caprese layer computes generated tokens for one adapter: the reference formula or a faster form.
+
+    A backbone brings its own decoder, as LoRA variants bring their own forward. This base runs the reference
+    ``CapreseLayer.sparse_ff`` (every FF weight read, the dropped neurons masked), which every faster form must
+    match. A subclass adds ``fast`` (the same values reading fewer bytes: paper appendix D), ``fast_problem``
+    (why ``fast`` cannot run for an input), ``pays_off`` (whether ``decode_impl="auto"`` should take it) and
+    ``lean_ff`` (its feed-forward module for ``caprese_peft.FastDecoder``). The layer's ``decode_impl`` chooses:
+    ``"reference"``, ``"merged"`` (``fast`` or an error) or ``"auto"`` (``fast`` where it runs and pays off).
+    """
+
+    has_fast_path: ClassVar[bool] = False
+
+    def __init__(self, layer: nn.Module, adapter: str) -> None:
+        self.layer = layer  # the CapreseLayer
+        self.adapter = adapter
+
+    @property
+    def backbone(self) -> Backbone:
+        return self.layer.caprese_backbone[self.adapter]
+
+    def __call__(self, x: torch.Tensor, stats: Any) -> torch.Tensor:
+        """The layer's output for generated tokens ``x`` ``(B, T, D)`` with this prompt batch's ``stats``."""
+        impl = self.layer.decode_impl
+        if impl not in DECODE_IMPLS:
+            raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {impl!r}.")
+        if impl != "reference":
+            problem = self.problem(x)
+            if problem is None and (impl == "merged" or self.pays_off(x)):
+                return self.fast(x, stats)
+            if problem is not None:
+                if impl == "merged":
+                    raise ValueError(f"decode_impl='merged' cannot run: {problem}. Use 'auto' or 'reference'.")
+                if not problem.startswith("gradients"):  # training through decode steps is not a slow path to flag
+                    warn_once(f"Caprese decodes with the unmerged reference formula: {problem}.")
+        return self.reference(x, stats)
+
+    def reference(self, x: torch.Tensor, stats: Any) -> torch.Tensor:
+        """``down(act(gate(x)) * up(x) * keep) + x @ L @ R``: reads every FF weight and masks."""
+        gate, z = self.layer.intermediate(x)
+        return self.layer.sparse_ff(x, z, self.backbone.keep_mask(gate, stats), self.adapter)
+
+    def problem(self, x: torch.Tensor) -> str | None:
+        """Why ``fast`` cannot compute ``x``, or None when it can."""
+        if not self.has_fast_path:
+            return f"the {self.backbone.name!r} backbone has no merged form"
+        biased = [
+            p for p in ("gate_proj", "up_proj", "down_proj") if getattr(self.layer.base_layer, p).bias is not None
+        ]
+        if biased:
+            return f"{', '.join(biased)} of the wrapped block have biases, which the merged weights leave out"
+        if torch.is_grad_enabled() and (
+            x.requires_grad or any(t.requires_grad for t in self.layer.decode_tensors(self.adapter))
+        ):
+            return (
+                "gradients are needed (grad mode is on and the input or weights require grad), but merged weights "
+                "are built without autograd; decode under torch.no_grad(), or train with teacher forcing"
+            )
+        return self.fast_problem(x)
+
+    def fast_problem(self, x: torch.Tensor) -> str | None:
+        """What, beyond biases and gradients, keeps ``fast`` from computing ``x``; None when nothing does."""
+        return None
+
+    def pays_off(self, x: torch.Tensor) -> bool:
+        """Whether ``decode_impl="auto"`` takes ``fast`` for ``x`` (it reads fewer bytes than the reference)."""
+        return True
+
+    def fast(self, x: torch.Tensor, stats: Any) -> torch.Tensor:
+        """The reference's values, reading only what the backbone keeps."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Free whatever ``fast`` built (merged weights); it is rebuilt when next needed."""
+
+    def new_prompt(self) -> None:
+        """A prefill starts: free what was built for the last prompt batch before the prefill needs the memory."""
+
+    def lean_ff(self, low_rank: bool, use_kernels: bool | None) -> nn.Module:
+        """The feed-forward module of ``caprese_peft.FastDecoder``'s lean step for this layer and adapter."""
+        raise ValueError(f"The lean decode step runs backbones with a merged form, not {self.backbone.name!r}.")
+
+
+Backbone.decoder = SparseDecoder
 
 
 def check_density(density: float) -> float:
@@ -94,6 +186,16 @@ def get_backbone(name: str) -> type[Backbone]:
             f"Unknown backbone {name!r}. Known backbones: {available_backbones()}; "
             "add your own with caprese_peft.register_backbone."
         ) from None
+
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Warn about a slower path once per process, not at every decode step."""
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def check_token_mask(token_mask: torch.Tensor) -> None:

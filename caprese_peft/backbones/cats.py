@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from .base import Backbone, check_token_mask, register_backbone
+from ..sparse_ff import ACTIVATIONS, activation_name, cats_merged_ff
+from .base import Backbone, SparseDecoder, check_token_mask, register_backbone
 
 
 @dataclass
@@ -32,11 +34,88 @@ def cats_thresholds(gate: torch.Tensor, token_mask: torch.Tensor, density: float
     return torch.stack(thresholds).view(-1, 1, 1)
 
 
+class CatsDecoder(SparseDecoder):
+    """CATS decodes through ``kernels.cats_ff``: the FF weights with ``L``, ``R`` appended as ``r`` always-active
+    neurons, read only for the neurons the threshold keeps (the Triton kernel), or its torch reference.
+
+    ``decode_impl="auto"`` takes it where the kernel runs (CUDA, at most ``kernels.MAX_BATCH`` sequences, fp32,
+    fp16 or bf16): without the kernel, merged CATS computes every neuron as the reference does, from copies.
+    """
+
+    has_fast_path = True
+    _cache: dict | None = None  # low_rank -> (weights key, CatsFFWeights)
+    _activation: tuple | None = None  # (act_fn, its name in sparse_ff.ACTIVATIONS or None)
+
+    def activation(self) -> str | None:
+        """The name under which the kernels know the block's activation, or None if they do not."""
+        act = self.layer.base_layer.act_fn
+        if self._activation is None or self._activation[0] is not act:
+            self._activation = (act, activation_name(act))
+        return self._activation[1]
+
+    def pays_off(self, x: torch.Tensor) -> bool:
+        use_kernels = self.layer.decode_use_kernels
+        if use_kernels is not None:
+            return use_kernels
+        if not x.is_cuda or self.activation() is None:
+            return False
+        try:
+            from kernels import MAX_BATCH, SUPPORTED_DTYPES
+        except ImportError:  # no triton on this platform
+            return False
+        return x.shape[0] <= MAX_BATCH and x.shape[1] == 1 and x.dtype in SUPPORTED_DTYPES
+
+    def weights(self, low_rank: bool = True):
+        """``kernels.CatsFFWeights``: ``Wg``, ``[W1; L^T]``, ``[W2^T; R]``, built once and cached.
+
+        The up and down weights are copied (the kernel reads them neuron-major), which costs their memory once
+        more until ``release``. ``low_rank=False`` leaves ``L``, ``R`` out: the backbone alone. Rebuilt when a
+        weight changes storage or is updated in place.
+        """
+        from kernels import prepare_cats_weights
+
+        key = self.layer.weights_key(self.adapter)
+        cache = self._cache if self._cache is not None else {}
+        entry = cache.pop(low_rank, None)  # popped: a stale entry is freed before the rebuild
+        if entry is None or entry[0] != key:
+            gate, up, down, left, right = self.layer.decode_tensors(self.adapter)
+            if not low_rank:
+                left, right = left[:, :0], right[:0]
+            entry = (key, prepare_cats_weights(gate, up, down, left, right))
+        cache[low_rank] = entry
+        self._cache = cache
+        return entry[1]
+
+    def fast(self, x: torch.Tensor, stats: CatsStats) -> torch.Tensor:
+        activation = self.activation()
+        if activation is None:
+            if self.layer.decode_use_kernels:
+                raise ValueError(
+                    f"decode_use_kernels=True, but the CATS kernel computes {sorted(ACTIVATIONS)} and this block's "
+                    f"activation {self.layer.base_layer.act_fn!r} is none of them."
+                )
+            # the torch form of merged CATS takes any activation
+            tensors = self.layer.decode_tensors(self.adapter)
+            return cats_merged_ff(x, *tensors, stats.threshold, self.layer.base_layer.act_fn)
+        from kernels import cats_ff
+
+        return cats_ff(x, self.weights(), stats.threshold, activation, use_kernels=self.layer.decode_use_kernels)
+
+    def release(self) -> None:
+        self._cache = None
+
+    def lean_ff(self, low_rank: bool, use_kernels: bool | None) -> nn.Module:
+        from ..fast_decode.lean import CatsFF
+
+        return CatsFF(self, low_rank, use_kernels)
+
+
 @register_backbone
 class Cats(Backbone):
     """CATS (Lee et al., 2024): contextual activation thresholding of the gate output."""
 
     name = "cats"
+    decoder = CatsDecoder
 
     def calibrate(self, gate: torch.Tensor, z: torch.Tensor, token_mask: torch.Tensor) -> CatsStats:
         check_token_mask(token_mask)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
-from .base import Backbone, check_token_mask, register_backbone
+from ..sparse_ff import GriffinMergedWeights, griffin_merged_ff, griffin_merged_weights, keep_indices
+from .base import Backbone, SparseDecoder, check_token_mask, register_backbone
 
 
 @dataclass
@@ -31,11 +34,62 @@ def top_neurons(score: torch.Tensor, density: float) -> torch.Tensor:
     return keep.unsqueeze(1)
 
 
+class GriffinDecoder(SparseDecoder):
+    """GRIFFIN decodes on each sequence's pruned weights with ``L``, ``R`` appended (appendix D), built per prompt.
+
+    ``decode_impl="auto"`` takes them while batch x density < 1: each sequence reads its own pruned copy, so past
+    that the copies read more bytes than the shared full weights the reference reads.
+    """
+
+    has_fast_path = True
+    _cache: tuple | None = None  # (stats, key, weights): the last prompt batch's merged weights
+
+    def pays_off(self, x: torch.Tensor) -> bool:
+        return x.shape[0] * self.backbone.density < 1
+
+    def build(self, stats: GriffinStats, low_rank: bool = True) -> GriffinMergedWeights:
+        """This prompt batch's pruned weights (with ``L``, ``R`` appended unless ``low_rank=False``), uncached."""
+        gate, up, down, left, right = self.layer.decode_tensors(self.adapter)
+        if not low_rank:
+            left, right = left[:, :0], right[:0]
+        with torch.no_grad():
+            return griffin_merged_weights(gate, up, down, left, right, keep_indices(stats.keep))
+
+    def weights(self, stats: GriffinStats) -> GriffinMergedWeights:
+        """``build(stats)``, built once and cached on the identity of ``stats`` and on the weights.
+
+        A new prompt or a reselection replaces the statistics object; an optimizer step or a reload changes the
+        weights (see ``CapreseLayer.weights_key``). A stale cache is freed before the new one is built.
+        """
+        key = (self.layer.weights_key(self.adapter), stats.keep.data_ptr(), stats.keep._version)
+        cached = self._cache
+        if cached is not None and cached[0] is stats and cached[1] == key:
+            return cached[2]
+        self._cache = None
+        merged = self.build(stats)
+        self._cache = (stats, key, merged)
+        return merged
+
+    def fast(self, x: torch.Tensor, stats: GriffinStats) -> torch.Tensor:
+        return griffin_merged_ff(x, self.weights(stats), self.layer.base_layer.act_fn)
+
+    def release(self) -> None:
+        self._cache = None
+
+    new_prompt = release  # the pruned weights belong to one prompt batch
+
+    def lean_ff(self, low_rank: bool, use_kernels: bool | None) -> nn.Module:
+        from ..fast_decode.lean import GriffinFF
+
+        return GriffinFF(self, low_rank)
+
+
 @register_backbone
 class Griffin(Backbone):
     """GRIFFIN (Dong et al., 2024): structured pruning of the FF block per prompt."""
 
     name = "griffin"
+    decoder = GriffinDecoder
 
     def calibrate(self, gate: torch.Tensor, z: torch.Tensor, token_mask: torch.Tensor) -> GriffinStats:
         check_token_mask(token_mask)
@@ -45,9 +99,7 @@ class Griffin(Backbone):
     def keep_mask(self, gate: torch.Tensor, stats: GriffinStats) -> torch.Tensor:
         return stats.keep
 
-    def update(
-        self, stats: GriffinStats, gate: torch.Tensor, z: torch.Tensor, token_mask: torch.Tensor
-    ) -> GriffinStats:
+    def update(self, stats: Any, gate: torch.Tensor, z: torch.Tensor, token_mask: torch.Tensor) -> GriffinStats:
         # s and s_G are l2 norms over tokens, so sqrt(s^2 + s_G^2) is the statistic of all tokens together
         score = torch.hypot(stats.score, griffin_scores(z, token_mask))
         return GriffinStats(score=score, keep=top_neurons(score, self.density))

@@ -13,7 +13,9 @@ _EXPORTS = {
     "prepare_dataset": ".data",
     "fit_closed_form": ".closed_form",
     "hidden_state_mse": ".losses",
+    "layer_mse": ".losses",
     "layerwise_loss": ".losses",
+    "layerwise_losses": ".losses",
     "CapreseTrainer": ".trainer",
     "CapreseTrainingArguments": ".trainer",
 }

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..layer import CapreseLayer
-from ..state import backbone_errors, find_state
+from ..layer import Observation, named_caprese_layers
+from ..state import observing
 from .data import position_ids_from
 
 # a least-squares fit of D x D coefficients needs well over D rows to generalise
@@ -42,20 +42,6 @@ class Moments:
         return float(sq) / (self.tokens * self.xx.shape[0])
 
 
-def _active_adapter(layer: CapreseLayer) -> str:
-    active = [a for a in layer.active_adapters if a in layer.caprese_L]
-    if len(active) != 1:
-        raise ValueError(f"Expected one active Caprese adapter, found {active}.")
-    return active[0]
-
-
-def _caprese_layers(model: nn.Module) -> dict[str, CapreseLayer]:
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, CapreseLayer)}
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no Caprese layers; wrap it with get_peft_model first.")
-    return layers
-
-
 @torch.no_grad()
 def collect_moments(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, Moments]:
     """Stream ``X^T X`` and ``X^T Y`` of every Caprese layer over ``batches`` (fp32).
@@ -64,15 +50,14 @@ def collect_moments(model: nn.Module, batches: Iterable[Mapping[str, torch.Tenso
     ``CapreseDataCollator`` makes them). The model runs densely as in layer-wise distillation, so
     every layer sees the inputs of the original model; rows are the continuation tokens.
     """
-    layers = _caprese_layers(model)
-    names = {id(layer): name for name, layer in layers.items()}
-    state = find_state(model)
+    names = {id(layer): name for name, layer in named_caprese_layers(model).items()}
     moments: dict[str, Moments] = {}
 
-    def observe(layer: CapreseLayer, x: torch.Tensor, target: torch.Tensor) -> None:
-        rows = state.step.sparse_mask
-        xs, ys = x[rows].float(), target[rows].float()  # (N, D): inputs and FF(x) - FF_sparse(x)
-        name = names[id(layer)]
+    def observe(observation: Observation) -> None:
+        rows = observation.tokens
+        target = observation.dense - observation.sparse(low_rank=False)  # FF(x) - FF_sparse(x)
+        xs, ys = observation.x[rows].float(), target[rows].float()  # (N, D)
+        name = names[id(observation.layer)]
         if name not in moments:
             dim = xs.shape[-1]
             zeros = torch.zeros(dim, dim, dtype=torch.float32, device=xs.device)
@@ -87,7 +72,7 @@ def collect_moments(model: nn.Module, batches: Iterable[Mapping[str, torch.Tenso
         device = next(model.parameters()).device
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         prompt = batch["prompt_mask"].to(device).bool()
-        with backbone_errors(model, observe, prompt, mask):
+        with observing(model, observe, prompt, mask):
             model(
                 input_ids=ids,
                 attention_mask=mask,
@@ -139,7 +124,7 @@ def set_closed_form(model: nn.Module, moments: Mapping[str, Moments], ridge: flo
 
     Moments do not depend on the rank, so one pass serves adapters of any rank. Returns the loss reached per layer.
     """
-    layers = _caprese_layers(model)
+    layers = named_caprese_layers(model)
     missing = sorted(set(layers) - set(moments))
     if missing:
         raise ValueError(f"No moments for the Caprese layers {missing}; collect them on a model wrapped the same way.")
@@ -155,7 +140,9 @@ def set_closed_form(model: nn.Module, moments: Mapping[str, Moments], ridge: flo
     reached = {}
     for name, m in moments.items():
         layer = layers[name]
-        adapter = _active_adapter(layer)
+        adapter = layer.active_adapter_name()
+        if adapter is None:
+            raise ValueError(f"Layer {name} runs no Caprese adapter: enable the adapter to fit.")
         left_param, right_param = layer.caprese_L[adapter], layer.caprese_R[adapter]
         left, right = reduced_rank_solution(m.xx, m.xy, left_param.shape[1], ridge)
         left_param.copy_(left.to(left_param.dtype))

@@ -1,8 +1,45 @@
-"""The two Caprese distillation losses (paper equations 7 and 8) as pure functions of tensors."""
+"""The two Caprese distillation losses (paper equations 7 and 8): pure functions of tensors, and the observer that
+collects equation 7 from every layer in one dense forward pass."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+from torch import nn
+
+from ..layer import Observation
+from ..state import observing
+
+
+def layer_mse(observation: Observation, mask: torch.Tensor) -> torch.Tensor:
+    """Equation 7 for one layer: ``mean_d (FF(x) - FF_sparse(x) - x L R)^2`` averaged over the tokens in ``mask``.
+
+    ``mask`` is ``(B, S)`` bool (the continuation tokens); the dense output is the target and gets no gradient.
+    """
+    error = (observation.sparse() - observation.dense.detach()).float().square().mean(dim=-1)  # (B, S)
+    return (error * mask).sum() / mask.sum().clamp_min(1)
+
+
+@contextmanager
+def layerwise_losses(
+    model: nn.Module, prompt_mask: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> Iterator[list[torch.Tensor]]:
+    """Run forwards of ``model`` densely while every Caprese layer scores itself (paper equation 7).
+
+    Each layer sees the input ``x`` the original model gives it, computes backbone statistics from the
+    prompt tokens, and appends to the yielded list its ``layer_mse`` over the other (real) tokens; it passes
+    the dense output on, so all layers train in parallel from one forward pass. Sum the list
+    (``layerwise_loss``) for the layer-wise loss.
+    """
+    losses: list[torch.Tensor] = []
+
+    def observe(observation: Observation) -> None:
+        losses.append(layer_mse(observation, observation.tokens))
+
+    with observing(model, observe, prompt_mask, attention_mask):
+        yield losses
 
 
 def layerwise_loss(losses: list[torch.Tensor]) -> torch.Tensor:

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from ..layer import CapreseLayer
-from ..state import find_state, layerwise_losses, teacher_forcing
+from ..layer import caprese_layers
+from ..state import find_state, teacher_forcing
 from .data import FEATURE_FIELDS, CapreseDataCollator, position_ids_from, prepare_dataset
-from .losses import hidden_state_mse, layerwise_loss
+from .losses import hidden_state_mse, layerwise_loss, layerwise_losses
 
 STAGES = ("layerwise", "e2e")
 # Table 6 of the paper; the E2E learning rate varies in [4e-6, 2e-4] with model size (larger models, smaller rates)
@@ -100,11 +100,7 @@ class CapreseTrainingArguments(TrainingArguments):
 def check_caprese_model(model: nn.Module) -> None:
     """Raise unless ``model`` is a PEFT model with an active Caprese adapter whose factors can train."""
     find_state(model)  # raises when no Caprese adapter wraps the model
-    layers = [m for m in model.modules() if isinstance(m, CapreseLayer)]
-    if not layers:
-        raise ValueError(
-            f"{type(model).__name__} has no Caprese layers; wrap it with get_peft_model(model, CapreseConfig(...))."
-        )
+    layers = caprese_layers(model)
     if not callable(getattr(model, "disable_adapter", None)):
         raise TypeError(
             f"CapreseTrainer needs the PeftModel itself (it uses disable_adapter), got {type(model).__name__}."

@@ -18,13 +18,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ..backbones import Cats, Griffin
 from ..layer import CapreseLayer
 from ..state import find_state
-from .lean import CatsFF, DenseFF, GriffinFF, LeanDecoder, architecture_problem
+from .lean import DenseFF, LeanDecoder, architecture_problem
 
 MODES = ("dense", "backbone", "caprese")
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "cudagraph")
+# eager; inductor (faster on a CPU: docs and benchmarks/cpu_generation.py); inductor with CUDA graphs (gpt-fast's)
+COMPILE_MODES = ("none", "default", "reduce-overhead")
 
 
 def _greedy_step(
@@ -35,38 +35,17 @@ def _greedy_step(
     return logits, logits.argmax(dim=-1)
 
 
-class _CudaGraphStep:
-    """``_greedy_step`` captured in one CUDA graph without compiling: static inputs, replayed per token."""
-
-    def __init__(self, lean: LeanDecoder, tokens: torch.Tensor, slot: torch.Tensor, positions: torch.Tensor) -> None:
-        self.inputs = (tokens.clone(), slot.clone(), positions.clone())
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up: Triton autotuning and cuBLAS setup cannot be captured
-            for _ in range(2):
-                _greedy_step(lean, *self.inputs)  # idempotent: rewrites the same cache slot
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = _greedy_step(lean, *self.inputs)
-
-    def __call__(self, lean, tokens, slot, positions) -> tuple[torch.Tensor, torch.Tensor]:
-        for static, value in zip(self.inputs, (tokens, slot, positions)):
-            static.copy_(value)
-        self.graph.replay()
-        return self.outputs
-
-
 class FastDecoder:
     """Greedy decoding of a Llama/Mistral/Qwen2/Qwen3 model, plain or with a Caprese adapter, in three modes.
 
     ``mode``: ``"dense"`` (adapter disabled), ``"backbone"`` (the sparse backbone without ``x @ L @ R``) or
     ``"caprese"`` (sparse backbone plus correction); None picks ``"caprese"`` when a Caprese adapter is
     active, else ``"dense"``.
-    ``compile``: None picks ``"reduce-overhead"`` on CUDA and ``"none"`` (eager) elsewhere; ``"cudagraph"``
-    captures the eager step in one CUDA graph without compiling; other ``torch.compile`` modes are passed on;
-    a callable wraps the step function (e.g. ``lambda f: torch.compile(f, backend="eager", fullgraph=True)``).
-    ``max_seq_len`` bounds prompt plus generated tokens (default: what the first ``generate`` call needs).
+    ``compile``: None picks ``"reduce-overhead"`` on CUDA and ``"none"`` (eager) elsewhere; ``"default"`` and
+    ``"reduce-overhead"`` are passed to ``torch.compile(..., fullgraph=True)``; a callable wraps the step
+    function (e.g. ``lambda f: torch.compile(f, backend="eager", fullgraph=True)``).
+    ``max_seq_len`` bounds prompt plus generated tokens (default: what each ``generate`` call needs; the static
+    buffers grow when a later call needs more, at the cost of one new compilation or capture).
     ``use_kernels`` is passed to ``kernels.cats_ff`` for CATS layers.
 
     The lean step copies the q/k/v and gate/up weights it fuses (and CATS layers' up/down weights), so it holds
@@ -97,7 +76,8 @@ class FastDecoder:
             )
         self.layers = [self._caprese_layer(layer.mlp) for layer in self.hf_model.model.layers]
         if mode is None:
-            mode = "caprese" if any(layer is not None and layer._active() for layer in self.layers) else "dense"
+            active = any(layer is not None and layer.active_adapter_name() for layer in self.layers)
+            mode = "caprese" if active else "dense"
         self.mode = mode
         if mode != "dense":
             self.adapter = self._check_adapter()
@@ -106,8 +86,6 @@ class FastDecoder:
             compile = "reduce-overhead" if device.type == "cuda" else "none"
         if not callable(compile) and compile not in COMPILE_MODES:
             raise ValueError(f"compile must be None, a callable or one of {COMPILE_MODES}, got {compile!r}.")
-        if compile == "cudagraph" and device.type != "cuda":
-            raise ValueError(f"compile='cudagraph' needs the model on CUDA; it is on {device}.")
         self.compile = compile
         self.use_kernels = use_kernels
         self.max_seq_len = max_seq_len
@@ -128,7 +106,7 @@ class FastDecoder:
         layers = [layer for layer in self.layers if layer is not None]
         if not layers:
             raise ValueError(f"mode={self.mode!r} needs a Caprese adapter; the model has none (use mode='dense').")
-        active = {layer._active() for layer in layers} - {None}
+        active = {layer.active_adapter_name() for layer in layers} - {None}
         if len(active) != 1:
             raise ValueError(f"mode={self.mode!r} needs one active Caprese adapter, found {sorted(active) or 'none'}.")
         (adapter,) = active
@@ -143,19 +121,15 @@ class FastDecoder:
     def _feed_forward(self, index: int) -> nn.Module:
         layer = self.layers[index]
         mlp = self.hf_model.model.layers[index].mlp
-        if self.mode == "dense" or layer is None or layer._active() is None:
+        if self.mode == "dense" or layer is None or layer.active_adapter_name() is None:
             return DenseFF(mlp.base_layer if layer is not None else mlp)
-        kind = _kind(layer, self.adapter)
-        if kind is None:
-            name = layer.caprese_backbone[self.adapter].name
-            raise ValueError(f"Layer {index}: the lean step runs GRIFFIN and CATS backbones, not {name!r}.")
         biased = [p for p in ("gate_proj", "up_proj", "down_proj") if getattr(mlp.base_layer, p).bias is not None]
         if biased:
             raise ValueError(f"Layer {index}: {', '.join(biased)} have biases, which merged decode leaves out.")
-        low_rank = self.mode == "caprese"
-        if kind == "griffin":
-            return GriffinFF(layer, self.adapter, low_rank)
-        return CatsFF(layer, self.adapter, low_rank, self.use_kernels)
+        try:
+            return layer.caprese_decoder[self.adapter].lean_ff(self.mode == "caprese", self.use_kernels)
+        except ValueError as error:
+            raise ValueError(f"Layer {index}: {error}") from None
 
     def _build(self, batch: int, max_seq_len: int) -> None:
         """The lean step and its buffers for ``batch`` x ``max_seq_len``; reuses what still fits."""
@@ -168,25 +142,32 @@ class FastDecoder:
         if self._step is None:
             if callable(self.compile):
                 self._step = self.compile(_greedy_step)
-            elif self.compile in ("none", "cudagraph"):
-                self._step = _greedy_step  # cudagraph: captured at the first decode step
+            elif self.compile == "none":
+                self._step = _greedy_step
             else:
                 self._step = torch.compile(_greedy_step, mode=self.compile, fullgraph=True)
 
     # ---- the decode loop ----
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, max_new_tokens: int = 1
+    ) -> torch.Tensor:
         """Run the prompt densely through the model; logits ``(B, V)`` fp32 of its last position.
 
         ``input_ids`` ``(B, P)`` left-padded, ``attention_mask`` ``(B, P)`` (default all ones). Afterwards
-        ``decode_one_token`` continues these sequences.
+        ``decode_one_token`` continues these sequences, for up to ``max_new_tokens`` tokens in all: without a
+        fixed ``max_seq_len`` the static buffers grow to hold them when they are too short.
         """
         input_ids, attention_mask = _check_prompt(input_ids, attention_mask, self.device)
         batch, width = input_ids.shape
-        max_seq_len = self.max_seq_len or width + 1
-        if width >= max_seq_len:
-            raise ValueError(f"The prompt has {width} positions; max_seq_len={max_seq_len} leaves none to generate.")
+        needed = width + max(1, max_new_tokens)
+        if self.max_seq_len is not None and needed > self.max_seq_len:
+            raise ValueError(
+                f"{width} prompt positions + {max_new_tokens} new tokens exceed max_seq_len={self.max_seq_len}."
+            )
+        # buffers that hold the request are kept (no new compilation or capture); shorter ones grow
+        max_seq_len = self.max_seq_len or max(needed, self.lean.max_seq_len if self.lean is not None else 0)
         # positions count real tokens only, as generate computes them for left-padded prompts
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
         disabled = self.model.disable_adapter() if self.mode == "dense" and self._has_adapter() else None
@@ -215,7 +196,8 @@ class FastDecoder:
     def _check_statistics(self) -> None:
         generation = find_state(self.model).generation
         for index, layer in enumerate(self.layers):
-            if layer is not None and layer._active() is not None and layer._stats_generation != generation:
+            adapter = None if layer is None else layer.active_adapter_name()
+            if adapter is not None and layer._stats_key != (generation, adapter):
                 raise RuntimeError(f"Layer {index} recorded no backbone statistics during the prefill.")
 
     @torch.no_grad()
@@ -236,9 +218,7 @@ class FastDecoder:
         slot = int(self._slot_host)
         if slot >= self.lean.max_seq_len:
             raise ValueError(f"The static cache holds {self.lean.max_seq_len} positions and is full.")
-        if self.compile == "cudagraph" and not isinstance(self._step, _CudaGraphStep):
-            self._step = _CudaGraphStep(self.lean, tokens, self._slot, self._positions)
-        if self.compile in ("reduce-overhead", "max-autotune"):
+        if self.compile == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
         logits, next_tokens = self._step(self.lean, tokens, self._slot, self._positions)
         self._slot = self._slot + 1
@@ -266,15 +246,6 @@ class FastDecoder:
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-        if self.max_seq_len is None:
-            needed = input_ids.shape[1] + max_new_tokens
-            if self.lean is None or self.lean.max_seq_len < needed:
-                self.max_seq_len = needed
-        elif input_ids.shape[1] + max_new_tokens > self.max_seq_len:
-            raise ValueError(
-                f"{input_ids.shape[1]} prompt positions + {max_new_tokens} new tokens exceed max_seq_len="
-                f"{self.max_seq_len}."
-            )
         generation_config = getattr(self.hf_model, "generation_config", None)
         if eos_token_id is None and not ignore_eos:
             eos_token_id = getattr(generation_config, "eos_token_id", None)
@@ -282,7 +253,7 @@ class FastDecoder:
         if eos is not None and pad_token_id is None:
             pad_token_id = getattr(generation_config, "pad_token_id", None)
             pad_token_id = int(eos[0]) if pad_token_id is None else pad_token_id
-        tokens = self.prefill(input_ids, attention_mask).argmax(dim=-1)  # (B,)
+        tokens = self.prefill(input_ids, attention_mask, max_new_tokens=max_new_tokens).argmax(dim=-1)  # (B,)
         generated = [tokens]
         unfinished = None if eos is None else ~torch.isin(tokens, eos)
         for _ in range(max_new_tokens - 1):
@@ -294,11 +265,6 @@ class FastDecoder:
                 unfinished &= ~torch.isin(tokens, eos)
             generated.append(tokens)
         return torch.cat([input_ids.to(self.device), torch.stack(generated, dim=1)], dim=1)
-
-
-def _kind(layer: CapreseLayer, adapter: str) -> str | None:
-    backbone = layer.caprese_backbone[adapter]
-    return "griffin" if isinstance(backbone, Griffin) else "cats" if isinstance(backbone, Cats) else None
 
 
 def _token_set(eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor | None:

@@ -10,30 +10,47 @@ own: dense, GRIFFIN on merged per-sequence weights, or CATS through ``kernels.ca
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layer import CapreseLayer
-from ..merged import cats_merged_ff, griffin_fused_ff, griffin_merged_weights, keep_indices
+from ..sparse_ff import cats_merged_ff, griffin_fused_ff
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the lean step must know of a Llama-family decoder beyond its sizes."""
+
+    qk_norm: bool = False  # an RMSNorm on each head's query and key before the rotary embedding
+    sliding_window: str | None = None  # "always" if the config's window always applies, or the flag turning it on
+
+
+ARCHITECTURES = {
+    "llama": Architecture(),
+    "mistral": Architecture(sliding_window="always"),
+    "qwen2": Architecture(sliding_window="use_sliding_window"),
+    "qwen3": Architecture(qk_norm=True, sliding_window="use_sliding_window"),
+}
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # inv_freq fixed at init: a table serves all steps
 
 
 def architecture_problem(config: Any, max_seq_len: int | None = None) -> str | None:
     """Why the lean step cannot decode a model with this (text) ``config``, or None when it can."""
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in ARCHITECTURES:
         return f"model_type {model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    architecture = ARCHITECTURES[model_type]
+    rope = config.rope_parameters or {}
+    rope_type = rope.get("rope_type", "default")
     if rope_type not in _STATIC_ROPE_TYPES:
         return f"rope_type {rope_type!r} changes with the sequence length (supported: {_STATIC_ROPE_TYPES})"
-    window = getattr(config, "sliding_window", None)
-    slides = model_type == "mistral" or getattr(config, "use_sliding_window", False)
+    flag = architecture.sliding_window
+    slides = flag == "always" or (flag is not None and getattr(config, flag))
+    window = config.sliding_window if flag is not None else None
     if slides and window is not None and (max_seq_len is None or window < max_seq_len):
         return f"sliding-window attention (window {window}) is not implemented"
     if getattr(config, "pretraining_tp", 1) != 1:
@@ -106,26 +123,22 @@ class GriffinFF(nn.Module):
     """GRIFFIN (+ low rank) on per-sequence merged weights (appendix D), gate and up fused: two batched GEMVs.
 
     ``load`` materialises the weights of the current prompt batch into static buffers; the step is
-    ``caprese_peft.merged.griffin_fused_ff``, whose reference is ``griffin_merged_ff``.
+    ``caprese_peft.sparse_ff.griffin_fused_ff``, whose reference is ``griffin_merged_ff``.
     """
 
-    def __init__(self, layer: CapreseLayer, adapter: str, low_rank: bool) -> None:
+    def __init__(self, decoder: Any, low_rank: bool) -> None:
         super().__init__()
-        object.__setattr__(self, "layer", layer)  # not a submodule: the lean step never runs it
-        self.adapter = adapter
+        object.__setattr__(self, "decoder", decoder)  # a GriffinDecoder; not a submodule: the step never runs it
         self.low_rank = low_rank
-        self.act = layer.base_layer.act_fn
+        self.act = decoder.layer.base_layer.act_fn
         self.kept = 0  # k, set by load
         self.register_buffer("gate_up", None, persistent=False)  # (B, 2k + r, D): Wg rows, W1 rows, L^T
         self.register_buffer("down", None, persistent=False)  # (B, D, k + r): W2 columns, R^T
 
     def load(self) -> None:
         """Build this prompt batch's merged weights from the layer's statistics, in place where shapes allow."""
-        gate_w, up_w, down_w, left, right = self.layer._decode_tensors(self.adapter)
-        if not self.low_rank:
-            left, right = left[:, :0], right[:0]
         with torch.no_grad():
-            merged = griffin_merged_weights(gate_w, up_w, down_w, left, right, keep_indices(self.layer._stats.keep))
+            merged = self.decoder.build(self.decoder.layer._stats, self.low_rank)
             self.kept = merged.gate.shape[1]
             _store(self, "gate_up", torch.cat([merged.gate, merged.up], dim=1))  # (B, 2k + r, D)
             _store(self, "down", merged.down)  # (B, D, k + r)
@@ -143,20 +156,19 @@ class CatsFF(nn.Module):
     An activation the kernel does not know runs ``cats_merged_ff`` in torch (reading every weight).
     """
 
-    def __init__(self, layer: CapreseLayer, adapter: str, low_rank: bool, use_kernels: bool | None) -> None:
+    def __init__(self, decoder: Any, low_rank: bool, use_kernels: bool | None) -> None:
         super().__init__()
         from kernels import cats_ff
 
-        object.__setattr__(self, "layer", layer)
-        self.adapter = adapter
-        self.activation = layer.kernel_activation()
+        object.__setattr__(self, "decoder", decoder)  # a CatsDecoder
+        self.activation = decoder.activation()
         self.use_kernels = use_kernels
         if self.activation is None and use_kernels:
             raise ValueError(
-                f"use_kernels=True, but the CATS kernel knows silu and gelu_tanh and {layer.base_layer.act_fn!r} "
-                "is neither."
+                f"use_kernels=True, but the CATS kernel knows silu and gelu_tanh and "
+                f"{decoder.layer.base_layer.act_fn!r} is neither."
             )
-        weights = layer.cats_decode_weights(adapter, low_rank=low_rank)  # shared with the layer's merged decode
+        weights = decoder.weights(low_rank)  # shared with the layer's merged decode
         for tensor in (weights.gate, weights.up, weights.down_t):
             _static(tensor)
         object.__setattr__(self, "weights", weights)
@@ -166,11 +178,11 @@ class CatsFF(nn.Module):
     def load(self) -> None:
         """Take this prompt batch's thresholds from the layer's statistics."""
         with torch.no_grad():
-            _store(self, "threshold", self.layer._stats.threshold.reshape(-1).float().clone())
+            _store(self, "threshold", self.decoder.layer._stats.threshold.reshape(-1).float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation is None:
-            act = self.layer.base_layer.act_fn
+            act = self.decoder.layer.base_layer.act_fn
             return cats_merged_ff(x, *self.weights.reference_args(), self.threshold.view(-1, 1, 1), act)
         out = self._cats_ff(x[:, 0], self.weights, self.threshold, self.activation, use_kernels=self.use_kernels)
         return out[:, None]  # (B, 1, D)
@@ -181,7 +193,7 @@ class CatsFF(nn.Module):
         Nominal: at batch > 1 the kernel reads the rows of neurons any sequence keeps, more than ``density``.
         """
         w = self.weights
-        density = self.layer.caprese_backbone[self.adapter].density if density is None else density
+        density = self.decoder.backbone.density if density is None else density
         rows = density * w.intermediate_size + w.rank
         return w.gate.nbytes + round(rows * (w.up.nbytes + w.down_t.nbytes) / w.up.shape[0])
 
@@ -191,6 +203,7 @@ class Attention(nn.Module):
 
     def __init__(self, attn: nn.Module, config: Any) -> None:
         super().__init__()
+        architecture = ARCHITECTURES[config.model_type]
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = attn.head_dim
@@ -203,11 +216,10 @@ class Attention(nn.Module):
         self.register_buffer("qkv_bias", bias, persistent=False)
         self.register_buffer("o", _static(attn.o_proj.weight.detach()), persistent=False)
         self.register_buffer("o_bias", _alias(attn.o_proj.bias), persistent=False)
-        # Qwen3 normalises each head's query and key before the rotary embedding
-        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-        self.register_buffer("q_norm", _alias(getattr(q_norm, "weight", None)), persistent=False)
-        self.register_buffer("k_norm", _alias(getattr(k_norm, "weight", None)), persistent=False)
-        self.qk_eps = getattr(q_norm, "variance_epsilon", 0.0)
+        q_norm, k_norm = (attn.q_norm, attn.k_norm) if architecture.qk_norm else (None, None)
+        self.register_buffer("q_norm", None if q_norm is None else q_norm.weight.detach(), persistent=False)
+        self.register_buffer("k_norm", None if k_norm is None else k_norm.weight.detach(), persistent=False)
+        self.qk_eps = 0.0 if q_norm is None else q_norm.variance_epsilon
         self.register_buffer("k_cache", None, persistent=False)  # (B, Hkv, S, hd)
         self.register_buffer("v_cache", None, persistent=False)
 

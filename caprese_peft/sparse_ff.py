@@ -1,4 +1,4 @@
-"""Merged inference for one decode step (paper appendix D): the low-rank factors folded into the FF weights.
+"""The sparse FF block of one decode step with the correction as extra neurons (paper appendix D), in pure torch.
 
 A gated MLP ``FF(x) = (act(x Wg^T) * (x W1^T)) W2^T`` with nn.Linear weights ``Wg, W1: (F, D)`` and
 ``W2: (D, F)``, plus the correction ``x L R`` with ``L: (D, r)`` and ``R: (r, D)``, is one gated MLP with

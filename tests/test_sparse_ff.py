@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from caprese_peft.backbones import Cats, Griffin
-from caprese_peft.merged import (
+from caprese_peft.sparse_ff import (
     cats_merged_ff,
     griffin_fused_ff,
     griffin_merged_ff,
