@@ -76,23 +76,20 @@ def griffin_weights(gate_w, up_w, down_w, left, right, batch: int, density: floa
 def bench_model(model: str, shape: tuple[int, int], args, meta: dict, copy_gbps: float, device: str) -> list[dict]:
     """Rows of the CSV for one FF shape; raises RuntimeError if the op disagrees with its reference."""
     from kernels import cats_ff, prepare_cats_weights
+    from kernels.problems import ff_problem
 
     hidden, ff = shape
     rank = args.rank
-
-    def randn(*dims: int, scale: float) -> torch.Tensor:
-        return torch.randn(*dims, device=device, dtype=torch.bfloat16) * scale
-
-    gate_w, up_w = randn(ff, hidden, scale=hidden**-0.5), randn(ff, hidden, scale=hidden**-0.5)
-    down_w = randn(hidden, ff, scale=ff**-0.5)
-    left, right = randn(hidden, rank, scale=hidden**-0.5), randn(rank, hidden, scale=rank**-0.5)
+    x_all, (gate_w, up_w, down_w, left, right) = ff_problem(
+        max(args.batches), hidden, ff, rank, dtype=torch.bfloat16, device=device
+    )
     caprese_w = prepare_cats_weights(gate_w, up_w, down_w, left, right)
     cats_w = prepare_cats_weights(gate_w, up_w, down_w, left[:, :0], right[:0])  # r = 0: CATS alone
     matrix_bytes = ff * hidden * BF16_BYTES
     timer = partial(time_ms, device=device, reps=args.reps)
     rows = []
     for batch in args.batches:
-        x = randn(batch, hidden, scale=1.0)
+        x = x_all[:batch]
         io_bytes = 2 * batch * hidden * BF16_BYTES
         dense_ms = timer(partial(dense_ff, x, gate_w, up_w, down_w))
         gate_abs = F.silu(F.linear(x, gate_w)).float().abs()  # (B, F)

@@ -116,6 +116,25 @@ def test_buffers_are_reused_across_prompt_batches_of_one_shape():
     )
 
 
+def test_buffers_grow_for_a_longer_second_call_and_are_kept_for_a_shorter_one():
+    model = build("qwen2", dict(backbone="cats"))
+    decoder = FastDecoder(model)  # no max_seq_len: each call sizes what it needs
+    ids, mask = random_prompts([5, 3], seed=5)
+    assert torch.equal(
+        decoder.generate(ids, mask, max_new_tokens=2), reference_generate(model, "caprese", ids, mask, 2)
+    )
+    short = decoder.lean.max_seq_len
+    longer_ids, longer_mask = random_prompts([9, 12], seed=6)
+    got = decoder.generate(longer_ids, longer_mask, max_new_tokens=NEW_TOKENS)
+    assert torch.equal(got, reference_generate(model, "caprese", longer_ids, longer_mask))
+    assert decoder.lean.max_seq_len == 12 + NEW_TOKENS > short
+    lean_cache = decoder.lean.layers[0].attn.k_cache
+    assert torch.equal(
+        decoder.generate(ids, mask, max_new_tokens=2), reference_generate(model, "caprese", ids, mask, 2)
+    )
+    assert decoder.lean.layers[0].attn.k_cache is lean_cache  # long enough already: no new buffers, no recompile
+
+
 @pytest.mark.parametrize(
     "options", [None, dict(backbone="griffin", layers_to_transform=[0, 2]), dict(backbone="cats")]
 )

@@ -22,6 +22,7 @@ from kernels import (  # noqa: E402
     prepare_cats_weights,
     prune_by_registers,
 )
+from kernels.problems import ff_problem  # noqa: E402
 
 pytestmark = pytest.mark.kernels
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -41,20 +42,8 @@ TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def make_problem(batch: int, dtype: torch.dtype, seed: int, hidden: int = D, ff: int = FF, rank: int = R):
-    """Random x ``(B, D)`` and weights ``(Wg, W1, W2, L, R)`` in ``dtype``, gate pre-activations O(1)."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape: int, scale: float) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) * scale).to(device=DEVICE, dtype=dtype)
-
-    weights = (
-        randn(ff, hidden, scale=hidden**-0.5),
-        randn(ff, hidden, scale=hidden**-0.5),
-        randn(hidden, ff, scale=ff**-0.5),
-        randn(hidden, rank, scale=hidden**-0.5),
-        randn(rank, hidden, scale=max(rank, 1) ** -0.5),
-    )
-    return randn(batch, hidden, scale=1.0), weights
+    """Random x ``(B, D)`` and weights ``(Wg, W1, W2, L, R)`` in ``dtype`` on the test device."""
+    return ff_problem(batch, hidden, ff, rank, dtype=dtype, device=DEVICE, seed=seed)
 
 
 def half_threshold(x: torch.Tensor, gate_weight: torch.Tensor, act) -> torch.Tensor:
