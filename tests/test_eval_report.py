@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 
 from caprese_peft import CapreseConfig
 from caprese_peft.cli import main
-from caprese_peft.distill.synth import INSTRUCTION, user_message
+from caprese_peft.data import INSTRUCTION, user_message
 from caprese_peft.eval.metrics import check_answer
 from caprese_peft.eval.report import REPORT_FILES, write_report
 

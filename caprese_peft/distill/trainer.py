@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from ..data.features import FEATURE_FIELDS, CapreseDataCollator, position_ids_from, prepare_dataset
 from ..layer import CapreseLayer
 from ..state import find_state, layerwise_losses, teacher_forcing
-from .data import FEATURE_FIELDS, CapreseDataCollator, position_ids_from, prepare_dataset
 from .losses import hidden_state_mse, layerwise_loss
 
 STAGES = ("layerwise", "e2e")

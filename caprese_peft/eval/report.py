@@ -24,98 +24,15 @@ from torch import nn
 
 from ..backbones import check_density
 from ..config import resolve_layers
-from ..distill.synth import INSTRUCTION, read_records
+from ..data.features import features_from_record
+from ..data.generation import batches, greedy_generations
+from .compare import continuation_kl
 from .output import check_output_dir, staged_output
 
 DENSE = "dense"
 DEFAULT_BACKBONE = "cats"
 DEFAULT_DENSITY = 0.5
 REPORT_FILES = ("results.json", "report.md", "lengths.png", "scores.png")
-
-
-def load_eval_problems(
-    source: str | os.PathLike,
-    *,
-    split: str = "dev",
-    dev_size: int = 500,
-    limit: int | None = None,
-    question_field: str | None = None,
-    instruction: str | None = INSTRUCTION,
-    hf_split: str = "train",
-    hf_config: str | None = None,
-) -> list[dict[str, Any]]:
-    """Problems to evaluate on as ``{"id", "prompt", "answer", "completion"?}`` from a JSONL file or a HF dataset.
-
-    Two record layouts are accepted: math problems (a ``question``/``problem`` field, turned into the chat
-    prompt ``question + "\\n" + instruction`` as ``caprese-peft synth`` does) and conversational
-    prompt-completion records (``prompt`` and ``completion`` lists of chat messages, e.g. written by
-    ``caprese-peft synth``), whose completions become the continuations of the teacher-forced KL. Either
-    way every record needs an ``answer`` (or ``solution``) to score accuracy against: a GSM8K solution
-    ending in ``#### n`` or an expression such as ``\\boxed{...}``.
-
-    ``split`` picks records in file order as in ``load_problems``: ``"dev"`` the last ``dev_size``,
-    ``"train"`` the others, ``"all"`` everything; then ``limit`` keeps the first ones.
-    """
-    from ..distill.synth import ANSWER_FIELDS, QUESTION_FIELDS, SPLITS, user_message
-
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}.")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}.")
-    records = read_records(source, hf_split, hf_config)
-    if not records:
-        raise ValueError(f"{source} holds no records.")
-    first = records[0]
-    if not isinstance(first, dict):
-        raise ValueError(f"Records of {source} must be JSON objects, got {type(first).__name__}.")
-    paired = "completion" in first and "prompt" in first and question_field is None
-    field = "prompt" if paired else question_field or next((f for f in QUESTION_FIELDS if f in first), None)
-    if field is None or field not in first:
-        wanted = [question_field] if question_field else [*QUESTION_FIELDS, "prompt + completion"]
-        raise ValueError(f"Records of {source} need a question field ({wanted}); found {sorted(first)}.")
-
-    indexed = list(enumerate(records))
-    if split != "all":
-        if not 0 < dev_size < len(records):
-            raise ValueError(
-                f"dev_size must lie in [1, {len(records) - 1}] for the {len(records)} records of {source}, got "
-                f"{dev_size}; or pass split='all' (--split all) to use every record."
-            )
-        indexed = indexed[-dev_size:] if split == "dev" else indexed[:-dev_size]
-    problems = []
-    for index, record in indexed[:limit]:
-        answer_field = next((f for f in ANSWER_FIELDS if record.get(f) is not None), None)
-        if answer_field is None:
-            raise ValueError(
-                f"Record {index} of {source} has no answer to score accuracy against: it needs one of the fields "
-                f"{list(ANSWER_FIELDS)} (a GSM8K solution ending in '#### n', or an expression such as "
-                f"'\\boxed{{...}}'); found fields {sorted(record)}."
-            )
-        problem: dict[str, Any] = {"id": record.get("id", index) if paired else index}
-        if paired:
-            prompt, completion = record["prompt"], record["completion"]
-            if not _is_messages(prompt) or not _is_messages(completion):
-                raise ValueError(
-                    f"Record {index} of {source}: evaluation generates through the chat template, so prompt and "
-                    "completion must be lists of chat messages ({'role': ..., 'content': ...}) as `caprese-peft "
-                    f"synth` writes them; got a {type(prompt).__name__} prompt and a {type(completion).__name__} "
-                    "completion."
-                )
-            problem.update(prompt=list(prompt), completion=list(completion))
-        else:
-            question = record.get(field)
-            if not isinstance(question, str) or not question.strip():
-                raise ValueError(f"Record {index} of {source} has no text in {field!r}.")
-            problem["prompt"] = user_message(question, instruction)
-        problem["answer"] = str(record[answer_field])
-        problems.append(problem)
-    if not problems:
-        raise ValueError(f"split={split!r} (dev_size={dev_size}) selects no record of {source}.")
-    return problems
-
-
-def _is_messages(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
 
 
 def _backbone_label(backbone: str, density: float, layers: list[int] | None, n_layers: int) -> str:
@@ -333,8 +250,6 @@ def dense_continuations(
     tokenizer: Any, problems: Sequence[dict[str, Any]], dense: Sequence[tuple[str, list[int]]]
 ) -> tuple[list[dict[str, list]], str]:
     """Tokenized teacher-forcing records: the data's completions, else the dense model's greedy responses."""
-    from ..distill.data import features_from_record
-
     if all("completion" in p for p in problems):
         features = []
         for problem in problems:
@@ -388,11 +303,6 @@ def device_name(device: torch.device) -> str:
     return f"{device.type} ({threads} thread{'' if threads == 1 else 's'})"
 
 
-def _batches(items: Sequence[Any], size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 @torch.no_grad()
 def evaluate_methods(
     model: nn.Module,
@@ -427,7 +337,7 @@ def evaluate_methods(
     Args:
         model: the base model (not a PEFT model); it is wrapped for the run and unwrapped at the end.
         tokenizer: its tokenizer, with a chat template.
-        problems: from ``load_eval_problems``: ``{"id", "prompt" (chat messages), "answer", "completion"?}``.
+        problems: from ``caprese_peft.data.load_eval_problems``: ``{"id", "prompt" (chat messages), "answer", "completion"?}``.
         adapters: saved Caprese adapters (folders or Hub ids).
         kl_problems: score KL and perplexity on the continuations of the first this many problems only
             (default all): two teacher-forced passes per method over every continuation cost more than the
@@ -440,7 +350,6 @@ def evaluate_methods(
     """
     from tqdm.auto import tqdm
 
-    from .compare import continuation_kl, greedy_generations
     from .metrics import agreement_lengths, check_answer, length_summary
 
     for name, value in (
@@ -459,17 +368,17 @@ def evaluate_methods(
     with frozen(model):
         methods = plan_methods(model, adapters, backbone, density, layers)
         prompts = [p["prompt"] for p in problems]
-        batches = -(-len(prompts) // batch_size)
+        n_batches = -(-len(prompts) // batch_size)
         generations: dict[str, list[tuple[str, list[int]]]] = {}
         continuations: list[dict[str, list]] = []
         continuation_source = ""
-        with tqdm(total=len(methods) * (batches + 2), desc="Evaluating", unit="step", disable=not progress) as bar:
+        with tqdm(total=len(methods) * (n_batches + 2), desc="Evaluating", unit="step", disable=not progress) as bar:
             for name, method in methods.items():
                 kind = method["kind"]
                 with method_model(model, method) as runner:
                     bar.set_description(f"{name}: greedy")
                     outputs: list[tuple[str, list[int]]] = []
-                    for batch in _batches(prompts, batch_size):
+                    for batch in batches(prompts, batch_size):
                         outputs += greedy_generations(
                             runner,
                             tokenizer,
@@ -638,7 +547,6 @@ __all__ = [
     "device_name",
     "evaluate_methods",
     "frozen",
-    "load_eval_problems",
     "measure_latency",
     "method_model",
     "param_counts",
