@@ -169,7 +169,8 @@ def _record_eval(results: dict, args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from .eval.report import evaluate_methods, write_report
+    from .eval.evaluate import evaluate_methods
+    from .eval.report import write_report
     from .loading import load_model
 
     # everything that can be checked without the model fails here, before the model loads

@@ -22,8 +22,9 @@ from torch import nn
 
 from ..backbones import check_density
 from ..data.generation import batches, generate_responses
+from .latency import device_name
+from .methods import check_inputs, frozen, method_model, param_counts, plan_methods
 from .output import staged_output
-from .report import check_inputs, device_name, frozen, method_model, param_counts, plan_methods
 
 COVERAGE_FILES = ("results.json", "report.md", "coverage.png", "coverage_n.png")
 

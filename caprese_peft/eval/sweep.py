@@ -20,17 +20,10 @@ from ..backbones import check_density
 from ..data.generation import batches, greedy_generations
 from ..density import test_time_density
 from .compare import continuation_kl
+from .evaluate import dense_continuations
+from .latency import device_name
+from .methods import DENSE, check_inputs, frozen, method_model, param_counts, plan_methods
 from .output import staged_output
-from .report import (
-    DENSE,
-    check_inputs,
-    dense_continuations,
-    device_name,
-    frozen,
-    method_model,
-    param_counts,
-    plan_methods,
-)
 
 SWEEP_FILES = ("results.json", "report.md", "accuracy.png", "kl.png")
 KL_LABEL = "KL(dense || model)"
