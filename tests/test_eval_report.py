@@ -6,12 +6,15 @@ import json
 import subprocess
 import sys
 
+import peft.peft_model
 import pytest
+import torch
 from peft import LoraConfig, get_peft_model
 
 from caprese_peft import CapreseConfig
 from caprese_peft.cli import main
 from caprese_peft.data import INSTRUCTION, user_message
+from caprese_peft.eval.methods import method_model, plan_methods
 from caprese_peft.eval.metrics import check_answer
 from caprese_peft.eval.report import REPORT_FILES, write_report
 
@@ -172,6 +175,22 @@ def test_bad_input_fails_clearly_and_writes_nothing(files, tmp_path, case, messa
             ["eval", "--model", str(files / "tiny"), "--split", "all", "--output", str(tmp_path / "out"), *FAST, *args]
         )
     assert list(tmp_path.iterdir()) == []  # no output folder, no temporary folder
+
+
+def test_plan_checks_each_adapter_without_reading_its_weights(files, monkeypatch):
+    reads = []
+    load = peft.peft_model.load_peft_weights
+    monkeypatch.setattr(peft.peft_model, "load_peft_weights", lambda *a, **k: reads.append(a[0]) or load(*a, **k))
+    base = tiny_model("llama")
+    methods = plan_methods(base, [files / "random-R"], None, None, None)
+    assert list(methods) == ["dense", "backbone cats 0.5", "random-R"] and reads == []
+    with method_model(base, methods["random-R"]) as runner:
+        assert reads == [str(files / "random-R")]  # read once, when the method runs
+        assert any(torch.count_nonzero(p) for n, p in runner.named_parameters() if "caprese_R" in n)
+    assert not hasattr(base, "peft_config")  # unwrapped again
+    with pytest.raises(ValueError, match="does not fit the model: .*hidden_size=64"):
+        plan_methods(base, [files / "random-R", files / "foreign"], None, None, None)  # still fails at once
+    assert len(reads) == 1 and not hasattr(base, "peft_config")
 
 
 def test_existing_output_needs_overwrite(report, tmp_path):

@@ -58,7 +58,7 @@ def greedy_generations(
     progress: bool = True,
     fast: bool = False,
 ) -> list[tuple[str, list[int]]]:
-    """Greedy ``(text, token_ids)`` for chat ``prompts``, ``batch_size`` at a time; ``dense=True`` disables the adapter.
+    """Greedy ``(text, token_ids)`` for chat ``prompts`` in batches; ``dense=True`` disables the adapter.
 
     Batches are formed identically for every call, so dense and Caprese runs see the same padding.
     ``fast=True`` decodes with ``caprese_peft.FastDecoder`` (Llama, Mistral, Qwen2 and Qwen3 models, no

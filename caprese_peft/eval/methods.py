@@ -1,7 +1,7 @@
-"""The methods an evaluation compares (dense, the backbone alone, each adapter): planned, checked, run on the base model.
+"""The methods an evaluation compares (dense, the backbone alone, each adapter), planned and run on the base model.
 
 ``plan_methods`` names them and checks that each fits the base model before any generation;
-``method_model`` puts one on the base model for the length of a block.
+``method_model`` puts one on the base model for a block, reading an adapter's weights only then.
 """
 
 from __future__ import annotations
@@ -76,10 +76,11 @@ def plan_methods(
     density: float | None,
     layers: str | Sequence[int] | None,
 ) -> dict[str, dict[str, Any]]:
-    """The methods to compare, by display name: ``kind``, ``source`` (adapter) and ``config``.
+    """The methods to compare, by display name: ``kind``, ``source`` (adapter), ``config`` and ``peft_config``.
 
     Every backbone and adapter is put on the base model and taken off again here, before any generation,
     so that one that does not fit the base model (another hidden size, missing layers) fails the run at once.
+    An adapter is put on with its config alone: its weights are read once, when ``method_model`` runs it.
     """
     n_layers = base.config.get_text_config().num_hidden_layers
     loaded = _adapter_configs(adapters)
@@ -123,33 +124,45 @@ def plan_methods(
                 )
     for source, config in loaded:
         name = _unique(Path(source.rstrip("/")).name or source, taken)
-        methods[name] = {"kind": "adapter", "source": source, "config": _describe_config(config)}
+        methods[name] = {
+            "kind": "adapter",
+            "source": source,
+            "config": _describe_config(config),
+            "peft_config": config,
+        }
 
     for method in methods.values():
-        with method_model(base, method):
-            pass
+        if method["kind"] != DENSE:
+            _wrap(base, method, weights=False).unload()
     return methods
+
+
+def _wrap(base: nn.Module, method: dict[str, Any], *, weights: bool = True) -> nn.Module:
+    """``base`` wrapped with a backbone or adapter method; ``weights=False`` leaves an adapter's weights unread."""
+    from peft import PeftModel, get_peft_model
+
+    try:
+        if method["kind"] == "adapter" and weights:
+            return PeftModel.from_pretrained(base, method["source"])
+        # PEFT fills the config in (target modules, sizes): wrap with a copy, keep the plan as it was
+        return get_peft_model(base, copy.deepcopy(method["peft_config"]))
+    except ValueError as error:  # e.g. an adapter made for a base model of another hidden size
+        if method["kind"] != "adapter":
+            raise
+        raise ValueError(f"The adapter {method['source']!r} does not fit the model: {error}") from error
 
 
 @contextmanager
 def method_model(base: nn.Module, method: dict[str, Any]):
-    """``base`` as ``method`` runs it: itself for dense, else wrapped with the method's adapter until exit.
+    """``base`` as ``method`` runs it, in eval mode: itself for dense, else wrapped with the method until exit.
 
-    A Caprese model holds one adapter at a time, so each method gets its own short-lived wrapper.
+    A Caprese model holds one adapter at a time, so each method gets its own short-lived wrapper, and reads the
+    adapter's weights then.
     """
-    from peft import PeftModel, get_peft_model
-
     if method["kind"] == DENSE:
-        yield base
+        yield base.eval()
         return
-    if method["kind"] == "backbone":
-        # PEFT fills the config in (target modules, sizes): wrap with a copy, keep the plan as it was
-        model = get_peft_model(base, copy.deepcopy(method["peft_config"]))
-    else:
-        try:
-            model = PeftModel.from_pretrained(base, method["source"])
-        except ValueError as error:  # e.g. an adapter made for a base model of another hidden size
-            raise ValueError(f"The adapter {method['source']!r} does not fit the model: {error}") from error
+    model = _wrap(base, method)
     try:
         yield model.eval()
     finally:

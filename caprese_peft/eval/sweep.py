@@ -110,9 +110,10 @@ def density_sweep(
         results: dict[str, dict[str, Any]] = {}
         with tqdm(total=total, desc="Density sweep", unit="step", disable=not progress) as bar:
             bar.set_description("dense")
-            dense = run(model)
-            continuations, kl_on = dense_continuations(tokenizer, problems, dense.pop("outputs"))
-            counts = param_counts(model, DENSE)
+            with method_model(model, methods[DENSE]) as runner:
+                dense = run(runner)
+                continuations, kl_on = dense_continuations(tokenizer, problems, dense.pop("outputs"))
+                counts = param_counts(runner, DENSE)
             results[DENSE] = {
                 "kind": DENSE,
                 "source": None,
