@@ -14,6 +14,7 @@ from peft import LoraConfig, get_peft_model
 from caprese_peft import CapreseConfig
 from caprese_peft.cli import main
 from caprese_peft.data import INSTRUCTION, user_message
+from caprese_peft.eval.latency import device_name
 from caprese_peft.eval.methods import method_model, plan_methods
 from caprese_peft.eval.metrics import check_answer
 from caprese_peft.eval.report import REPORT_FILES, write_report
@@ -191,6 +192,13 @@ def test_plan_checks_each_adapter_without_reading_its_weights(files, monkeypatch
     with pytest.raises(ValueError, match="does not fit the model: .*hidden_size=64"):
         plan_methods(base, [files / "random-R", files / "foreign"], None, None, None)  # still fails at once
     assert len(reads) == 1 and not hasattr(base, "peft_config")
+
+
+def test_device_name_names_a_gpu(monkeypatch):
+    # the CUDA branch, checked on a CPU: eval, sweep and coverage name the device at the end of every run
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"Fake GPU at {device}")
+    assert device_name(torch.device("cuda", 0)) == "Fake GPU at cuda:0"
+    assert device_name(torch.device("cpu")) == "cpu (1 thread)"  # the module runs on one thread
 
 
 def test_existing_output_needs_overwrite(report, tmp_path):

@@ -62,7 +62,7 @@ def measure_latency(
 def device_name(device: torch.device) -> str:
     """The GPU's name, or ``cpu (n threads)``."""
     if device.type == "cuda":
-        return torch.cuda.getdevice_name(device)
+        return torch.cuda.get_device_name(device)
     threads = torch.get_num_threads()
     return f"{device.type} ({threads} thread{'' if threads == 1 else 's'})"
 
