@@ -13,11 +13,13 @@ from peft import LoraConfig, get_peft_model
 
 from caprese_peft import CapreseConfig
 from caprese_peft.cli import main
-from caprese_peft.data import INSTRUCTION, user_message
+from caprese_peft.data import INSTRUCTION, load_eval_problems, user_message
+from caprese_peft.eval import evaluate
 from caprese_peft.eval.latency import device_name
 from caprese_peft.eval.methods import method_model, plan_methods
 from caprese_peft.eval.metrics import check_answer
 from caprese_peft.eval.report import REPORT_FILES, write_report
+from caprese_peft.loading import load_model
 
 from conftest import tiny_model, tiny_tokenizer
 
@@ -145,6 +147,29 @@ def test_fast_decode_gives_the_same_responses_and_kl_problems_scores_a_prefix(fi
     )
     assert results["methods"]["random-R"]["kl"] > 0
     assert "of the first 2 problems" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_kl_does_not_depend_on_the_order_of_the_plan(files, report, monkeypatch):
+    plan = evaluate.plan_methods
+
+    def dense_last(*args):
+        methods = plan(*args)
+        return {name: methods[name] for name in [*list(methods)[1:], "dense"]}
+
+    monkeypatch.setattr(evaluate, "plan_methods", dense_last)
+    model, tokenizer = load_model(str(files / "tiny"))
+    problems = load_eval_problems(files / "math.jsonl", split="all")
+    fast = {"max_new_tokens": 6, "batch_size": 3, "timing_tokens": 3, "timing_repeats": 1, "progress": False}
+    adapters = [files / "random-R"]
+    results = evaluate.evaluate_methods(
+        model, tokenizer, problems, adapters=adapters, backbone="cats", density=0.5, **fast
+    )
+    assert list(results["methods"]) == ["backbone cats 0.5", "random-R", "dense"]
+    expected = report[1]["methods"]  # the same run with dense first
+    for name, method in results["methods"].items():
+        assert method["kl"] is not None and method["kl"] == pytest.approx(expected[name]["kl"]), name
+        assert method["perplexity"] == pytest.approx(expected[name]["perplexity"]), name
+        assert method["lengths"] == expected[name]["lengths"], name
 
 
 @pytest.mark.parametrize(

@@ -126,8 +126,11 @@ def evaluate_methods(
         generations: dict[str, list[tuple[str, list[int]]]] = {}
         continuations: list[dict[str, list]] = []
         continuation_source = ""
+        # dense first, whatever the plan's order: every other method's KL is scored on continuations made from it
+        order = sorted(methods, key=lambda name: methods[name]["kind"] != DENSE)
         with tqdm(total=len(methods) * (n_batches + 2), desc="Evaluating", unit="step", disable=not progress) as bar:
-            for name, method in methods.items():
+            for name in order:
+                method = methods[name]
                 kind = method["kind"]
                 with method_model(model, method) as runner:
                     bar.set_description(f"{name}: greedy")
@@ -150,7 +153,7 @@ def evaluate_methods(
                         continuations, continuation_source = dense_continuations(
                             tokenizer, problems[:kl_problems], outputs[:kl_problems]
                         )
-                    elif continuations:
+                    elif continuations:  # none when the dense model's responses are all empty
                         method["kl_stats"] = continuation_kl(
                             runner, continuations, batch_size=kl_batch_size, progress=False
                         )
