@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout that is not pip
 import caprese_peft  # noqa: E402
 from benchmarks.common import RESULTS, run_metadata  # noqa: E402
 from caprese_peft import CapreseConfig, FastDecoder  # noqa: E402
-from caprese_peft.distill.synth import chat_inputs, load_problems, user_message  # noqa: E402
+from caprese_peft.data import chat_inputs, load_problems, user_message  # noqa: E402
 
 GSM8K = ROOT / ".." / "shared" / "data" / "gsm8k" / "train.jsonl"
 

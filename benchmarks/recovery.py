@@ -29,11 +29,17 @@ import torch
 
 import caprese_peft
 from caprese_peft import CapreseConfig, parameter_report
-from caprese_peft.distill import CapreseDataCollator, CapreseTrainer, CapreseTrainingArguments
+from caprese_peft.data import (
+    CapreseDataCollator,
+    greedy_generations,
+    load_problems,
+    load_prompt_completion,
+    user_message,
+)
+from caprese_peft.distill import CapreseTrainer, CapreseTrainingArguments
 from caprese_peft.distill.closed_form import collect_moments, set_closed_form
-from caprese_peft.distill.data import load_prompt_completion
-from caprese_peft.distill.synth import load_problems, synthesize, user_message
-from caprese_peft.eval.compare import continuation_kl, greedy_generations, stepwise_continuation_kl
+from caprese_peft.distill.synth import synthesize
+from caprese_peft.eval.compare import continuation_kl, stepwise_continuation_kl
 from caprese_peft.eval.metrics import agreement_lengths, check_answer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,8 @@ DEFAULT_DATA = "../shared/data/gsm8k/train.jsonl"
 
 
 def _synth(args: argparse.Namespace) -> None:
-    from .distill.synth import load_problems, synthesize
+    from .data.problems import load_problems
+    from .distill.synth import synthesize
     from .loading import load_model
 
     problems = load_problems(
@@ -52,8 +53,8 @@ def build_adapter(base, args: argparse.Namespace):
 
 
 def _distill(args: argparse.Namespace) -> None:
-    from .distill import CapreseDataCollator, CapreseTrainer, CapreseTrainingArguments, fit_closed_form
-    from .distill.data import load_prompt_completion
+    from .data.features import CapreseDataCollator, load_prompt_completion
+    from .distill import CapreseTrainer, CapreseTrainingArguments, fit_closed_form
     from .loading import load_model
     from .model_card import update_model_card
 
@@ -105,8 +106,8 @@ def _training_record(args: argparse.Namespace, summary: dict) -> dict:
 
 def _problems(args: argparse.Namespace) -> list:
     """Checks everything that can be checked without the model (output folder, density, data), then the problems."""
+    from .data.problems import load_eval_problems
     from .eval.output import check_output_dir
-    from .eval.report import load_eval_problems
 
     check_output_dir(args.output, args.overwrite)
     if getattr(args, "density", None) is not None:
@@ -168,7 +169,8 @@ def _record_eval(results: dict, args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from .eval.report import evaluate_methods, write_report
+    from .eval.evaluate import evaluate_methods
+    from .eval.report import write_report
     from .loading import load_model
 
     # everything that can be checked without the model fails here, before the model loads

@@ -9,7 +9,8 @@ import torch
 from peft import PeftModel
 
 from caprese_peft.cli import main
-from caprese_peft.distill.synth import completed_ids, load_problems, user_message
+from caprese_peft.data import load_problems, user_message
+from caprese_peft.distill.synth import completed_ids
 
 from conftest import tiny_model, tiny_tokenizer
 

@@ -11,7 +11,7 @@ from peft import get_peft_model
 
 from caprese_peft import CapreseConfig
 from caprese_peft.cli import main
-from caprese_peft.distill.synth import INSTRUCTION, generate_responses, user_message
+from caprese_peft.data import INSTRUCTION, generate_responses, user_message
 from caprese_peft.eval.coverage import COVERAGE_FILES, pooled_coverage
 from caprese_peft.eval.metrics import coverage_curve
 

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import peft.peft_model
 import pytest
+import torch
 from peft import LoraConfig, get_peft_model
 
+import caprese_peft
 from caprese_peft import CapreseConfig
 from caprese_peft.cli import main
-from caprese_peft.distill.synth import INSTRUCTION, user_message
+from caprese_peft.data import INSTRUCTION, load_eval_problems, user_message
+from caprese_peft.eval import evaluate
+from caprese_peft.eval.latency import device_name
+from caprese_peft.eval.methods import method_model, plan_methods
 from caprese_peft.eval.metrics import check_answer
 from caprese_peft.eval.report import REPORT_FILES, write_report
+from caprese_peft.loading import load_model
 
 from conftest import tiny_model, tiny_tokenizer
 
@@ -143,6 +153,29 @@ def test_fast_decode_gives_the_same_responses_and_kl_problems_scores_a_prefix(fi
     assert "of the first 2 problems" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_kl_does_not_depend_on_the_order_of_the_plan(files, report, monkeypatch):
+    plan = evaluate.plan_methods
+
+    def dense_last(*args):
+        methods = plan(*args)
+        return {name: methods[name] for name in [*list(methods)[1:], "dense"]}
+
+    monkeypatch.setattr(evaluate, "plan_methods", dense_last)
+    model, tokenizer = load_model(str(files / "tiny"))
+    problems = load_eval_problems(files / "math.jsonl", split="all")
+    fast = {"max_new_tokens": 6, "batch_size": 3, "timing_tokens": 3, "timing_repeats": 1, "progress": False}
+    adapters = [files / "random-R"]
+    results = evaluate.evaluate_methods(
+        model, tokenizer, problems, adapters=adapters, backbone="cats", density=0.5, **fast
+    )
+    assert list(results["methods"]) == ["backbone cats 0.5", "random-R", "dense"]
+    expected = report[1]["methods"]  # the same run with dense first
+    for name, method in results["methods"].items():
+        assert method["kl"] is not None and method["kl"] == pytest.approx(expected[name]["kl"]), name
+        assert method["perplexity"] == pytest.approx(expected[name]["perplexity"]), name
+        assert method["lengths"] == expected[name]["lengths"], name
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [
@@ -174,6 +207,29 @@ def test_bad_input_fails_clearly_and_writes_nothing(files, tmp_path, case, messa
     assert list(tmp_path.iterdir()) == []  # no output folder, no temporary folder
 
 
+def test_plan_checks_each_adapter_without_reading_its_weights(files, monkeypatch):
+    reads = []
+    load = peft.peft_model.load_peft_weights
+    monkeypatch.setattr(peft.peft_model, "load_peft_weights", lambda *a, **k: reads.append(a[0]) or load(*a, **k))
+    base = tiny_model("llama")
+    methods = plan_methods(base, [files / "random-R"], None, None, None)
+    assert list(methods) == ["dense", "backbone cats 0.5", "random-R"] and reads == []
+    with method_model(base, methods["random-R"]) as runner:
+        assert reads == [str(files / "random-R")]  # read once, when the method runs
+        assert any(torch.count_nonzero(p) for n, p in runner.named_parameters() if "caprese_R" in n)
+    assert not hasattr(base, "peft_config")  # unwrapped again
+    with pytest.raises(ValueError, match="does not fit the model: .*hidden_size=64"):
+        plan_methods(base, [files / "random-R", files / "foreign"], None, None, None)  # still fails at once
+    assert len(reads) == 1 and not hasattr(base, "peft_config")
+
+
+def test_device_name_names_a_gpu(monkeypatch):
+    # the CUDA branch, checked on a CPU: eval, sweep and coverage name the device at the end of every run
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"Fake GPU at {device}")
+    assert device_name(torch.device("cuda", 0)) == "Fake GPU at cuda:0"
+    assert device_name(torch.device("cpu")) == "cpu (1 thread)"  # the module runs on one thread
+
+
 def test_existing_output_needs_overwrite(report, tmp_path):
     output, results = report
     with pytest.raises(SystemExit, match="exists and is not empty; .* --overwrite"):
@@ -193,3 +249,20 @@ def test_importing_the_package_stays_light():
     code += "print(sorted({'datasets', 'trl', 'matplotlib', 'math_verify'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("part", "other"), [("eval", "distill"), ("distill", "eval"), ("data", "distill"), ("data", "eval")]
+)
+def test_parts_import_one_way(part, other):
+    # distill and eval meet only in the command line; what both read lives in caprese_peft.data, below both
+    package = f"caprese_peft.{part}"
+    for path in sorted((Path(caprese_peft.__file__).parent / part).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [importlib.util.resolve_name("." * node.level + (node.module or ""), package)]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            assert not any(n.startswith(f"caprese_peft.{other}") for n in names), f"{part}/{path.name} imports {names}"

@@ -12,7 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from caprese_peft import CapreseConfig, update_model_card
 from caprese_peft.cli import main
-from caprese_peft.distill.synth import INSTRUCTION, user_message
+from caprese_peft.data import INSTRUCTION, user_message
 from caprese_peft.model_card import BEGIN, END, write_model_card
 from caprese_peft.registration import hook_model_card
 

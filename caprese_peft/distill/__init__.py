@@ -1,16 +1,17 @@
-"""Distillation of Caprese adapters: data, losses (paper equations 7 and 8) and a ``transformers.Trainer``.
+"""Distillation of Caprese adapters: synthetic data, losses (paper equations 7 and 8) and a ``transformers.Trainer``.
 
-Names load lazily: ``caprese_peft.distill.synth`` and ``.data`` stay light, and ``transformers.Trainer``
-(which imports ``datasets``) loads only when the trainer is asked for.
+Names load lazily: ``caprese_peft.distill.synth`` stays light, and ``transformers.Trainer`` (which imports
+``datasets``) loads only when the trainer is asked for. The tokenized records the trainer reads are made in
+``caprese_peft.data.features``; their names are exported here too.
 """
 
 from importlib import import_module
 
 _EXPORTS = {
-    "CapreseDataCollator": ".data",
-    "features_from_record": ".data",
-    "load_prompt_completion": ".data",
-    "prepare_dataset": ".data",
+    "CapreseDataCollator": "..data.features",
+    "features_from_record": "..data.features",
+    "load_prompt_completion": "..data.features",
+    "prepare_dataset": "..data.features",
     "fit_closed_form": ".closed_form",
     "hidden_state_mse": ".losses",
     "layer_mse": ".losses",

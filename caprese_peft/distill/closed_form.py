@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..data.features import position_ids_from
 from ..layer import Observation, named_caprese_layers
 from ..state import observing
-from .data import position_ids_from
 
 # a least-squares fit of D x D coefficients needs well over D rows to generalise
 MIN_TOKENS_PER_DIM = 4

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from ..data.features import FEATURE_FIELDS, CapreseDataCollator, position_ids_from, prepare_dataset
 from ..layer import caprese_layers
 from ..state import find_state, teacher_forcing
-from .data import FEATURE_FIELDS, CapreseDataCollator, position_ids_from, prepare_dataset
 from .losses import hidden_state_mse, layerwise_loss, layerwise_losses
 
 STAGES = ("layerwise", "e2e")

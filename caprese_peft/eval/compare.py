@@ -1,21 +1,17 @@
-"""Runs that compare a Caprese model with its own dense original: teacher-forced KL and greedy generations."""
+"""Teacher-forced KL of a Caprese model against its own dense original: in one pass, or token by token."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..data.features import CapreseDataCollator, position_ids_from
+from ..data.generation import batches
 from ..state import cache_argument, teacher_forcing
-
-
-def _batches(items: Sequence[Any], size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def _nll_sum(logits: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor) -> float:
@@ -35,7 +31,7 @@ def continuation_kl(
     """Mean per-token KL(dense || Caprese) and both perplexities on the continuation tokens of ``dataset``.
 
     ``dataset`` holds tokenized prompt-completion records (``input_ids``, ``prompt_mask``), e.g. from
-    ``caprese_peft.distill.data.load_prompt_completion``. The Caprese model runs teacher-forced as it
+    ``caprese_peft.data.load_prompt_completion``. The Caprese model runs teacher-forced as it
     would generate (dense prompt, sparse + low-rank continuation); the dense model is the same PEFT model
     with its adapter disabled. Every position holding a continuation token counts, predicting the next.
 
@@ -47,15 +43,14 @@ def continuation_kl(
     """
     from tqdm.auto import tqdm
 
-    from ..distill.data import CapreseDataCollator, position_ids_from
     from .metrics import token_kl
 
     collate = CapreseDataCollator(pad_token_id=0)
     records = [dataset[i] for i in range(len(dataset))]
     kl_sum, tokens, scored = 0.0, 0, 0
     nll = {"dense": 0.0, "model": 0.0}
-    batches = list(_batches(records, batch_size))
-    for index, batch in enumerate(tqdm(batches, desc="Teacher-forced KL", disable=not progress)):
+    grouped = list(batches(records, batch_size))
+    for index, batch in enumerate(tqdm(grouped, desc="Teacher-forced KL", disable=not progress)):
         inputs = collate(batch)
         ids, mask = inputs["input_ids"].to(model.device), inputs["attention_mask"].to(model.device)
         prompt_mask = inputs["prompt_mask"].to(model.device)
@@ -138,13 +133,12 @@ def stepwise_continuation_kl(
     from tqdm.auto import tqdm
     from transformers import DynamicCache
 
-    from ..distill.data import position_ids_from
     from .metrics import token_kl
 
     cache_name = cache_argument(model)
     records = [dataset[i] for i in range(len(dataset))]
     kl_sum, tokens = 0.0, 0
-    for batch in tqdm(list(_batches(records, batch_size)), desc="Stepwise KL", disable=not progress):
+    for batch in tqdm(list(batches(records, batch_size)), desc="Stepwise KL", disable=not progress):
         prompt_ids, prompt_mask, cont_ids, cont_mask = (t.to(model.device) for t in _split_layout(batch, 0))
         ids, mask = torch.cat([prompt_ids, cont_ids], dim=1), torch.cat([prompt_mask, cont_mask], dim=1)
         positions = position_ids_from(mask)
@@ -170,45 +164,3 @@ def stepwise_continuation_kl(
     if tokens == 0:
         raise ValueError("The dataset has no continuation tokens to compare on.")
     return {"kl": kl_sum / tokens, "tokens": tokens}
-
-
-def greedy_generations(
-    model: nn.Module,
-    tokenizer: Any,
-    prompts: Sequence[list[dict[str, str]]],
-    *,
-    dense: bool = False,
-    max_new_tokens: int = 256,
-    batch_size: int = 16,
-    progress: bool = True,
-    fast: bool = False,
-) -> list[tuple[str, list[int]]]:
-    """Greedy ``(text, token_ids)`` for chat ``prompts``; ``dense=True`` disables the adapter.
-
-    Batches are formed identically for every call, so dense and Caprese runs see the same padding.
-    ``fast=True`` decodes with ``caprese_peft.FastDecoder`` (Llama, Mistral, Qwen2 and Qwen3 models, no
-    reselection) instead of ``model.generate``, with less work per step: the same computation in another order,
-    so a sparse backbone can part from ``generate`` where an activation sits next to its threshold.
-    """
-    from tqdm.auto import tqdm
-
-    from ..distill.synth import chat_inputs, generate_responses, split_responses
-
-    decoder = None
-    if fast:
-        from ..fast_decode import FastDecoder
-
-        decoder = FastDecoder(model, mode="dense" if dense else None)
-    results: list[tuple[str, list[int]]] = []
-    desc = "Greedy (dense)" if dense else "Greedy (Caprese)"
-    for batch in tqdm(list(_batches(prompts, batch_size)), desc=desc, disable=not progress):
-        if decoder is not None:
-            inputs, pad_token_id = chat_inputs(tokenizer, batch, model.device)
-            out = decoder.generate(
-                inputs["input_ids"], inputs["attention_mask"], max_new_tokens=max_new_tokens, pad_token_id=pad_token_id
-            )
-            results += split_responses(tokenizer, out[:, inputs["input_ids"].shape[1] :])
-            continue
-        with model.disable_adapter() if dense else nullcontext():
-            results += generate_responses(model, tokenizer, batch, max_new_tokens=max_new_tokens, do_sample=False)
-    return results

@@ -21,8 +21,10 @@ import torch
 from torch import nn
 
 from ..backbones import check_density
+from ..data.generation import batches, generate_responses
+from .latency import device_name
+from .methods import check_inputs, frozen, method_model, param_counts, plan_methods
 from .output import staged_output
-from .report import check_inputs, device_name, frozen, method_model, param_counts, plan_methods
 
 COVERAGE_FILES = ("results.json", "report.md", "coverage.png", "coverage_n.png")
 
@@ -63,11 +65,6 @@ def check_sampling(*, n: int, pools: int, temperature: float, top_p: float) -> N
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}.")
 
 
-def _batches(items: Sequence[Any], size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 @torch.no_grad()
 def best_of_n(
     model: nn.Module,
@@ -101,7 +98,6 @@ def best_of_n(
     """
     from tqdm.auto import tqdm
 
-    from ..distill.synth import generate_responses
     from .metrics import check_answer
 
     check_sampling(n=n, pools=pools, temperature=temperature, top_p=top_p)
@@ -127,7 +123,7 @@ def best_of_n(
                 correct: list[list[bool]] = [[] for _ in problems]
                 lengths: list[int] = []
                 with method_model(model, method) as runner:
-                    for batch in _batches(samples, batch_size):
+                    for batch in batches(samples, batch_size):
                         outputs = generate_responses(
                             runner,
                             tokenizer,

@@ -17,18 +17,13 @@ import torch
 from torch import nn
 
 from ..backbones import check_density
+from ..data.generation import batches, greedy_generations
 from ..density import test_time_density
+from .compare import continuation_kl
+from .evaluate import dense_continuations
+from .latency import device_name
+from .methods import DENSE, check_inputs, frozen, method_model, param_counts, plan_methods
 from .output import staged_output
-from .report import (
-    DENSE,
-    check_inputs,
-    dense_continuations,
-    device_name,
-    frozen,
-    method_model,
-    param_counts,
-    plan_methods,
-)
 
 SWEEP_FILES = ("results.json", "report.md", "accuracy.png", "kl.png")
 KL_LABEL = "KL(dense || model)"
@@ -48,11 +43,6 @@ def _sweep_label(name: str, method: dict[str, Any]) -> str:
         layers = "" if config["layers"] == "all" else f" layers {','.join(map(str, config['layers']))}"
         return f"{config['backbone']} alone{layers}"
     return f"{name} (trained at {config['density']:g})"
-
-
-def _batches(items: Sequence[Any], size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 @torch.no_grad()
@@ -81,14 +71,13 @@ def density_sweep(
     Args:
         model: the base model (not a PEFT model).
         tokenizer: its tokenizer, with a chat template.
-        problems: from ``load_eval_problems``.
+        problems: from ``caprese_peft.data.load_eval_problems``.
         densities: the test-time densities, each in (0, 1].
         adapters: saved Caprese adapters (folders or Hub ids).
         info: extra entries for the results (e.g. the model and data names).
     """
     from tqdm.auto import tqdm
 
-    from .compare import continuation_kl, greedy_generations
     from .metrics import check_answer, length_summary
 
     densities = check_densities(densities)
@@ -100,7 +89,7 @@ def density_sweep(
 
     def run(runner: nn.Module) -> dict[str, Any]:
         outputs: list[tuple[str, list[int]]] = []
-        for batch in _batches(prompts, batch_size):
+        for batch in batches(prompts, batch_size):
             outputs += greedy_generations(
                 runner, tokenizer, batch, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False
             )
@@ -116,14 +105,15 @@ def density_sweep(
     with frozen(model):
         methods = plan_methods(model, adapters, backbone, None, layers)  # the sweep sets each density
         swept = {name: m for name, m in methods.items() if m["kind"] != DENSE}
-        batches = -(-len(prompts) // batch_size)
-        total = batches + len(swept) * len(densities) * (batches + 1)
+        n_batches = -(-len(prompts) // batch_size)
+        total = n_batches + len(swept) * len(densities) * (n_batches + 1)
         results: dict[str, dict[str, Any]] = {}
         with tqdm(total=total, desc="Density sweep", unit="step", disable=not progress) as bar:
             bar.set_description("dense")
-            dense = run(model)
-            continuations, kl_on = dense_continuations(tokenizer, problems, dense.pop("outputs"))
-            counts = param_counts(model, DENSE)
+            with method_model(model, methods[DENSE]) as runner:
+                dense = run(runner)
+                continuations, kl_on = dense_continuations(tokenizer, problems, dense.pop("outputs"))
+                counts = param_counts(runner, DENSE)
             results[DENSE] = {
                 "kind": DENSE,
                 "source": None,

@@ -1,4 +1,4 @@
-"""Distillation data: prompt-completion records to ``input_ids``, ``attention_mask`` and ``prompt_mask``.
+"""Prompt-completion records tokenized to ``input_ids``, ``attention_mask`` and ``prompt_mask``, for training and eval.
 
 Records follow TRL's prompt-completion format. ``prompt`` and ``completion`` are plain strings,
 conversational lists of chat messages (rendered with the tokenizer's chat template the way TRL
