@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import ast
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import peft.peft_model
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-import caprese_peft
 from caprese_peft import CapreseConfig
 from caprese_peft.cli import main
 from caprese_peft.data import INSTRUCTION, load_eval_problems, user_message
@@ -249,20 +245,3 @@ def test_importing_the_package_stays_light():
     code += "print(sorted({'datasets', 'trl', 'matplotlib', 'math_verify'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-
-
-@pytest.mark.parametrize(
-    ("part", "other"), [("eval", "distill"), ("distill", "eval"), ("data", "distill"), ("data", "eval")]
-)
-def test_parts_import_one_way(part, other):
-    # distill and eval meet only in the command line; what both read lives in caprese_peft.data, below both
-    package = f"caprese_peft.{part}"
-    for path in sorted((Path(caprese_peft.__file__).parent / part).glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                names = [importlib.util.resolve_name("." * node.level + (node.module or ""), package)]
-            elif isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            else:
-                continue
-            assert not any(n.startswith(f"caprese_peft.{other}") for n in names), f"{part}/{path.name} imports {names}"
