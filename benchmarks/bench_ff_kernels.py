@@ -75,8 +75,8 @@ def griffin_weights(gate_w, up_w, down_w, left, right, batch: int, density: floa
 
 def bench_model(model: str, shape: tuple[int, int], args, meta: dict, copy_gbps: float, device: str) -> list[dict]:
     """Rows of the CSV for one FF shape; raises RuntimeError if the op disagrees with its reference."""
-    from kernels import cats_ff, prepare_cats_weights
-    from kernels.problems import ff_problem
+    from caprese_peft.kernels import cats_ff, prepare_cats_weights
+    from caprese_peft.kernels.problems import ff_problem
 
     hidden, ff = shape
     rank = args.rank
@@ -178,11 +178,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         device, models = "cuda", {name: MODELS[name] for name in args.models}
     try:
-        import kernels  # noqa: F401
+        import caprese_peft.kernels  # noqa: F401
     except ImportError as error:
         print(f"bench_ff_kernels.py needs triton and the kernels package: {error}", file=sys.stderr)
         return 2
-    from kernels import INTERPRET, MAX_BATCH
+    from caprese_peft.kernels import INTERPRET, MAX_BATCH
 
     if device == "cpu" and not INTERPRET:
         print(

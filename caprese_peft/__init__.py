@@ -4,6 +4,8 @@
 ``PeftModel.from_pretrained`` and ``PeftConfig.from_pretrained`` accept Caprese adapters.
 """
 
+from pathlib import Path as _Path
+
 from .accounting import ParameterReport, parameter_report
 from .backbones import Backbone, SparseDecoder, available_backbones, register_backbone
 from .config import CapreseConfig
@@ -16,6 +18,13 @@ from .model import CapreseModel
 from .model_card import update_model_card, write_model_card
 from .registration import CAPRESE, hook_model_card, register
 from .state import observing, teacher_forcing
+
+# pip installs the repo folder kernels/ as caprese_peft.kernels (setup.cfg, package_dir). A source checkout used
+# without installing it (PYTHONPATH=<checkout>, as on a machine that cannot install) finds it in the folder beside
+# this package: search the checkout's root too, after this package's own folder.
+_CHECKOUT = _Path(__file__).resolve().parent.parent
+if not (_Path(__file__).parent / "kernels").is_dir() and (_CHECKOUT / "kernels" / "cats_ff.py").is_file():
+    __path__.append(str(_CHECKOUT))
 
 register(CapreseConfig, CapreseModel)
 hook_model_card(write_model_card)

@@ -5,7 +5,7 @@ which of its implementations runs. Three, all computing the same values (up to t
 
 - ``"reference"``: the unmerged formula ``down(act(gate(x)) * up(x) * keep) + x @ L @ R``; reads every FF weight.
 - ``"merged"``: paper appendix D. GRIFFIN materialises, once per prompt batch, each sequence's pruned weights with
-  ``L`` and ``R`` appended and decodes with batched GEMVs; CATS runs ``kernels.cats_ff`` on the FF weights with
+  ``L`` and ``R`` appended and decodes with batched GEMVs; CATS runs ``caprese_peft.kernels.cats_ff`` on the FF weights with
   ``L``, ``R`` appended (the Triton kernel on CUDA where it applies, its torch reference elsewhere).
 - ``"auto"`` (the default): ``"merged"`` where it reads fewer bytes: GRIFFIN while batch x density < 1 (each
   sequence reads its own pruned weights, so a batch of 32 at density 0.5 would read 16 times the weights that the

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-INSTALL_HINT = "lm-evaluation-harness is not installed; install it with `pip install 'caprese-peft[lm-eval]'`."
+from .extras import MissingExtraError, require
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -22,9 +22,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     import caprese_peft  # noqa: F401  (registers the CAPRESE PEFT type before lm-eval loads the adapter)
 
     try:
-        from lm_eval.__main__ import cli_evaluate
-    except ImportError as error:
-        raise SystemExit(f"caprese-peft lm-eval: {INSTALL_HINT} ({error})") from None
+        cli_evaluate = require("lm_eval.__main__", "lm-evaluation-harness").cli_evaluate
+    except MissingExtraError as error:
+        raise SystemExit(f"caprese-peft lm-eval: {error}") from None
     args = list(sys.argv[1:] if argv is None else argv)
     saved = sys.argv
     # lm-eval parses sys.argv itself (and inserts its 'run' subcommand there when none is given)

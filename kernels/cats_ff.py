@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from caprese_peft.sparse_ff import ACTIVATIONS, cats_merged_ff, check_ff_weights
+from ..sparse_ff import ACTIVATIONS, cats_merged_ff, check_ff_weights
 
 MAX_BATCH = 8  # one token per sequence; the (batch, neurons, hidden) register tile grows with the batch
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

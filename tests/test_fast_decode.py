@@ -189,7 +189,7 @@ def test_bad_input_fails_early_with_a_reason():
 
 @pytest.mark.kernels
 def test_cats_kernel_in_the_lean_step():
-    kernels = pytest.importorskip("kernels", reason="needs triton")
+    kernels = pytest.importorskip("caprese_peft.kernels", reason="needs triton")
     if not (torch.cuda.is_available() or kernels.INTERPRET):
         pytest.skip("kernels was imported without TRITON_INTERPRET=1; run this file in a fresh process")
     model = build("llama", dict(backbone="cats", layers_to_transform=[1, 2]))

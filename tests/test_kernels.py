@@ -11,8 +11,7 @@ pytest.importorskip("triton", reason="Triton is not installed, so its kernels ca
 
 import torch.nn.functional as F  # noqa: E402
 
-from caprese_peft.sparse_ff import cats_merged_ff  # noqa: E402
-from kernels import (  # noqa: E402
+from caprese_peft.kernels import (  # noqa: E402
     INTERPRET,
     MAX_BATCH,
     cats_ff,
@@ -22,7 +21,8 @@ from kernels import (  # noqa: E402
     prepare_cats_weights,
     prune_by_registers,
 )
-from kernels.problems import ff_problem  # noqa: E402
+from caprese_peft.kernels.problems import ff_problem  # noqa: E402
+from caprese_peft.sparse_ff import cats_merged_ff  # noqa: E402
 
 pytestmark = pytest.mark.kernels
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -160,7 +160,9 @@ def test_op_compiles_without_graph_breaks():
 
 def test_dispatcher_picks_the_op_only_where_it_applies(monkeypatch):
     calls = []
-    module = importlib.import_module("kernels.cats_ff")  # `kernels.cats_ff` the attribute is the dispatcher
+    module = importlib.import_module(
+        "caprese_peft.kernels.cats_ff"
+    )  # `kernels.cats_ff` the attribute is the dispatcher
     wrapper = module.cats_ff_triton
     monkeypatch.setattr(module, "cats_ff_triton", lambda *args: calls.append(1) or wrapper(*args))
     x, weights = make_problem(2, torch.float32, seed=8)

@@ -175,7 +175,7 @@ def test_kernel_choice_can_be_forced_off_and_on_cpu_fails_clearly():
     layer, x = decode_layer(wrap("llama", backbone="cats"))
     layer.decode_use_kernels = False
     torch.testing.assert_close(run(layer, x, "merged"), run(layer, x, "reference"), rtol=1e-5, atol=1e-5)
-    import kernels
+    import caprese_peft.kernels as kernels
 
     if not kernels.INTERPRET:
         layer.decode_use_kernels = True
@@ -186,7 +186,7 @@ def test_kernel_choice_can_be_forced_off_and_on_cpu_fails_clearly():
 @pytest.mark.kernels
 def test_cats_kernel_inside_the_layer_matches_reference():
     """The Triton op (interpreted on a CPU) serves the decode steps of a whole generation."""
-    kernels = pytest.importorskip("kernels", reason="needs triton")
+    kernels = pytest.importorskip("caprese_peft.kernels", reason="needs triton")
     if not (torch.cuda.is_available() or kernels.INTERPRET):
         pytest.skip("kernels was imported without TRITON_INTERPRET=1; run this file in a fresh process")
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -35,7 +35,7 @@ def cats_thresholds(gate: torch.Tensor, token_mask: torch.Tensor, density: float
 
 
 class CatsDecoder(SparseDecoder):
-    """CATS decodes through ``kernels.cats_ff``: the FF weights with ``L``, ``R`` appended as ``r`` always-active
+    """CATS decodes through ``caprese_peft.kernels.cats_ff``: the FF weights with ``L``, ``R`` appended as ``r`` always-active
     neurons, read only for the neurons the threshold keeps (the Triton kernel), or its torch reference.
 
     ``decode_impl="auto"`` takes it where the kernel runs (CUDA, at most ``kernels.MAX_BATCH`` sequences, fp32,
@@ -60,7 +60,7 @@ class CatsDecoder(SparseDecoder):
         if not x.is_cuda or self.activation() is None:
             return False
         try:
-            from kernels import MAX_BATCH, SUPPORTED_DTYPES
+            from ..kernels import MAX_BATCH, SUPPORTED_DTYPES
         except ImportError:  # no triton on this platform
             return False
         return x.shape[0] <= MAX_BATCH and x.shape[1] == 1 and x.dtype in SUPPORTED_DTYPES
@@ -72,7 +72,7 @@ class CatsDecoder(SparseDecoder):
         more until ``release``. ``low_rank=False`` leaves ``L``, ``R`` out: the backbone alone. Rebuilt when a
         weight changes storage or is updated in place.
         """
-        from kernels import prepare_cats_weights
+        from ..kernels import prepare_cats_weights
 
         key = self.layer.weights_key(self.adapter)
         cache = self._cache if self._cache is not None else {}
@@ -97,7 +97,7 @@ class CatsDecoder(SparseDecoder):
             # the torch form of merged CATS takes any activation
             tensors = self.layer.decode_tensors(self.adapter)
             return cats_merged_ff(x, *tensors, stats.threshold, self.layer.base_layer.act_fn)
-        from kernels import cats_ff
+        from ..kernels import cats_ff
 
         return cats_ff(x, self.weights(), stats.threshold, activation, use_kernels=self.layer.decode_use_kernels)
 

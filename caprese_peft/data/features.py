@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from ..extras import require
+
 RECORD_FIELDS = ("prompt", "completion")
 FEATURE_FIELDS = ("input_ids", "attention_mask", "prompt_mask")
 
@@ -188,7 +190,7 @@ def prepare_dataset(dataset: Any, tokenizer: Any = None, max_length: int | None 
     Returns:
         a ``datasets.Dataset`` (``IterableDataset`` for an iterable input) holding only the three features.
     """
-    import datasets
+    datasets = require("datasets", "Tokenizing prompt-completion datasets")
 
     if isinstance(dataset, list):
         dataset = datasets.Dataset.from_list(dataset)
@@ -244,7 +246,7 @@ def load_prompt_completion(
     A path to an existing ``.json``/``.jsonl`` file loads with the ``json`` builder; anything else goes to
     ``datasets.load_dataset`` as a dataset name or folder. Extra keyword arguments go to ``load_dataset``.
     """
-    import datasets
+    datasets = require("datasets", "Tokenizing prompt-completion datasets")
 
     path = os.fspath(path_or_name)
     if os.path.isfile(path):

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..extras import require
 from .prompts import INSTRUCTION, user_message
 
 QUESTION_FIELDS = ("question", "problem", "prompt")
@@ -33,7 +34,7 @@ def read_records(
         return records
     if path.suffix in (".jsonl", ".json") or path.is_absolute() or str(source).startswith("."):
         raise FileNotFoundError(f"No data file at {path} (expected a JSONL file or a Hugging Face dataset name).")
-    import datasets
+    datasets = require("datasets", "Reading a Hugging Face dataset")
 
     try:
         return list(datasets.load_dataset(str(source), hf_config, split=hf_split))

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..extras import require
+
 
 def _check_logits(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if teacher_logits.shape != student_logits.shape:
@@ -146,9 +148,10 @@ def check_answer(response: str, reference: str) -> bool:
     """
     if not isinstance(response, str) or not isinstance(reference, str):
         return False
+    # outside the try: without math_verify every answer would silently count as wrong
+    math_verify = require("math_verify", "Checking answers")
+    parse, verify = math_verify.parse, math_verify.verify
     try:
-        from math_verify import parse, verify
-
         # math_verify times out with signal.alarm, which only the main thread may use
         timeout = 5 if threading.current_thread() is threading.main_thread() else None
         gold_text = extract_gsm8k_answer(reference) if "####" in reference else reference

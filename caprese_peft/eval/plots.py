@@ -7,11 +7,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..extras import require
+
 
 def _figure(width: float = 6.0, height: float = 4.0) -> Any:
     # a bare Figure on an Agg canvas: never touches pyplot's global backend or figure registry
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "Drawing plots").FigureCanvasAgg
+    Figure = require("matplotlib.figure", "Drawing plots").Figure
 
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)

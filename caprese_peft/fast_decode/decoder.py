@@ -46,7 +46,7 @@ class FastDecoder:
     function (e.g. ``lambda f: torch.compile(f, backend="eager", fullgraph=True)``).
     ``max_seq_len`` bounds prompt plus generated tokens (default: what each ``generate`` call needs; the static
     buffers grow when a later call needs more, at the cost of one new compilation or capture).
-    ``use_kernels`` is passed to ``kernels.cats_ff`` for CATS layers.
+    ``use_kernels`` is passed to ``caprese_peft.kernels.cats_ff`` for CATS layers.
 
     The lean step copies the q/k/v and gate/up weights it fuses (and CATS layers' up/down weights), so it holds
     roughly the attention and FF weights once more; build it after the model is on its device and in eval mode.

@@ -5,7 +5,7 @@ q/k/v and gate/up into single GEMVs), keeps keys and values in preallocated buff
 step does not need, so ``torch.compile(mode="reduce-overhead")`` turns it into one CUDA graph. Its reference
 is the transformers model itself: for the same prompt it computes the same logits as a decode step of
 ``generate``, up to the order of floating-point sums. The feed-forward block of each layer is a module of its
-own: dense, GRIFFIN on merged per-sequence weights, or CATS through ``kernels.cats_ff``.
+own: dense, GRIFFIN on merged per-sequence weights, or CATS through ``caprese_peft.kernels.cats_ff``.
 """
 
 from __future__ import annotations
@@ -151,14 +151,14 @@ class GriffinFF(nn.Module):
 
 
 class CatsFF(nn.Module):
-    """CATS (+ low rank) through ``kernels.cats_ff``: the Triton op on CUDA where it applies, its reference else.
+    """CATS (+ low rank) through ``caprese_peft.kernels.cats_ff``: the Triton op on CUDA where it applies, its reference else.
 
     An activation the kernel does not know runs ``cats_merged_ff`` in torch (reading every weight).
     """
 
     def __init__(self, decoder: Any, low_rank: bool, use_kernels: bool | None) -> None:
         super().__init__()
-        from kernels import cats_ff
+        from ..kernels import cats_ff
 
         object.__setattr__(self, "decoder", decoder)  # a CatsDecoder
         self.activation = decoder.activation()
