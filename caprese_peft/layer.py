@@ -231,7 +231,8 @@ class CapreseLayer(nn.Module, BaseTunerLayer):
         ``load_state_dict``, ``copy_`` under no_grad) bumps the version counter; writes through ``.data`` are
         invisible: call ``release_decode_cache`` after them.
         """
-        return tuple((t.data_ptr(), t._version) for t in self.decode_tensors(adapter))
+        # tensors made under torch.inference_mode() have no version counter, and cannot be updated in place outside it
+        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in self.decode_tensors(adapter))
 
     def release_decode_cache(self) -> None:
         """Free the merged decode weights of every adapter; the next decode step that needs them builds them again."""

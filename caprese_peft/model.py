@@ -45,27 +45,59 @@ class CapreseModel(BaseTuner):
     uses_shared_state = True
 
     def __init__(self, model: nn.Module, config, adapter_name: str = "default", **kwargs) -> None:
-        object.__setattr__(self, "caprese_state", GenerationState(reselect_every=self._reselect_every))
+        state = GenerationState(reselect_every=self._reselect_every, trains_factors=self._trains_factors)
+        object.__setattr__(self, "caprese_state", state)
         super().__init__(model, config, adapter_name, **kwargs)
         object.__setattr__(self, "_caprese_hooks", self.caprese_state.attach(self.model))
 
-    def _reselect_every(self) -> int | None:
-        """The reselection interval of the adapter generating now; None when no Caprese adapter runs."""
+    def _running(self) -> tuple[str, CapreseLayer] | None:
+        """The Caprese adapter generating now and one layer of it; None when no Caprese adapter runs."""
         adapters = self.active_adapters
         if len(adapters) != 1 or adapters[0] not in self.peft_config:
             return None
         adapter = adapters[0]
-        # asked at every decode step: find a layer of the adapter once, not by walking the model each time
+        # asked at every forward: find a layer of the adapter once, not by walking the model each time
         layers = self.__dict__.setdefault("_layer_of_adapter", {})
         if adapter not in layers:
             layers[adapter] = next((m for m in self.model.modules() if adapter in getattr(m, "caprese_L", {})), None)
         layer = layers[adapter]
         if layer is None or layer.active_adapter_name() != adapter:  # disabled, or covering no layer
             return None
-        return self.peft_config[adapter].reselect_every
+        return adapter, layer
+
+    def _reselect_every(self) -> int | None:
+        """The reselection interval of the adapter generating now; None when no Caprese adapter runs."""
+        running = self._running()
+        return None if running is None else self.peft_config[running[0]].reselect_every
+
+    def _trains_factors(self) -> bool:
+        """Whether the ``L``, ``R`` of the adapter running now require gradients."""
+        running = self._running()
+        return running is not None and running[1].caprese_L[running[0]].requires_grad
 
     def _forget_layers(self) -> None:
         self.__dict__.pop("_layer_of_adapter", None)
+
+    def generate(self, *args, **kwargs):
+        """``generate`` of the wrapped model, which ``PeftModel.generate`` calls.
+
+        Marks the call for the generation state, so that ``use_cache=False`` (every step recomputes the whole
+        sequence) still runs generated tokens sparse; refuses beam search with reselection, whose per-sequence
+        statistics would have to follow the beams.
+        """
+        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+        if beams > 1 and self._reselect_every() is not None:
+            raise NotImplementedError(
+                "Beam search reorders sequences between steps, which reselection's per-sequence statistics do not "
+                "follow; use greedy decoding or sampling with reselect_every, or an adapter without it."
+            )
+        with self.caprese_state.generating():
+            return self.model.generate(*args, **kwargs)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._forget_layers()
 
     def _prepare_adapter_config(self, peft_config: CapreseConfig, model_config: dict) -> CapreseConfig:
         if peft_config.target_modules is None:
@@ -91,7 +123,12 @@ class CapreseModel(BaseTuner):
                 )
 
         config = self._prepare_adapter_config(config, self.get_model_config(model))
-        targets = [(name, m) for name, m in model.named_modules() if self._check_target_module_exists(config, name)]
+        # a block already wrapped for another adapter is checked as the block it wraps
+        targets = [
+            (name, m.get_base_layer() if isinstance(m, CapreseLayer) else m)
+            for name, m in model.named_modules()
+            if self._check_target_module_exists(config, name)
+        ]
         if not targets:
             raise ValueError(
                 f"No module of {type(model).__name__} matches target_modules={config.target_modules!r} "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import inspect
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+PREFILL_TRAINS_NOTHING = (
+    "This forward runs its input as a prompt (a dense prefill), so the Caprese factors L and R get no gradient from "
+    "it and a loss on its output cannot train them. Distill them with caprese_peft.CapreseTrainer, or run the forward "
+    "inside caprese_peft.teacher_forcing(model, prompt_mask, attention_mask), where the tokens after the prompt run "
+    "the sparse block plus x @ L @ R as in generation."
+)
 # transformers 5.x calls the KV cache argument `cache`; earlier releases call it `past_key_values`
 _CACHE_KWARGS = ("cache", "past_key_values")
 
@@ -59,14 +66,22 @@ def _cache_length(cache: Any) -> int:
 class GenerationState:
     """The step of the forward pass in flight, shared by the Caprese layers of one model."""
 
-    def __init__(self, reselect_every: Callable[[], int | None] | None = None) -> None:
+    def __init__(
+        self,
+        reselect_every: Callable[[], int | None] | None = None,
+        trains_factors: Callable[[], bool] | None = None,
+    ) -> None:
         self.step: Step | None = None
         self.generation = 0
         self.batch_size: int | None = None
         self._forced: tuple | None = None  # (phase, prompt_mask, sparse_mask, observe)
         # the reselection interval of the adapter in use (None: never reselect), asked at every decode step
         self.reselect_every = reselect_every or (lambda: None)
+        # whether the running adapter's L and R require gradients: a prefill with grad mode on then warns
+        self.trains_factors = trains_factors or (lambda: False)
         self._window: list[torch.Tensor] = []  # (batch, 1) ids decoded sparse since the last prefill or reselection
+        # inside generate: None before its first forward, then the prompt mask (batch, P) of its prefill
+        self._generating: list[torch.Tensor | None] = []
 
     def attach(self, model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
         """Install the hook that sets ``step`` before each forward of ``model``.
@@ -91,12 +106,19 @@ class GenerationState:
 
         cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
         past = _cache_length(cache)
+        if past == 0 and self._generating and self._generating[-1] is not None:
+            self.step = self._uncached_step(batch, seq, kwargs.get("attention_mask"), device)
+            return
         if past == 0:
             self.generation += 1
             self.batch_size = batch
             self._window = []
             self.step = Step(Phase.PREFILL, self._prompt_mask(kwargs.get("attention_mask"), batch, seq, device),
                              generation=self.generation)  # fmt: skip
+            if self._generating:
+                self._generating[-1] = self.step.token_mask
+            elif torch.is_grad_enabled() and self.trains_factors():
+                warnings.warn(PREFILL_TRAINS_NOTHING, stacklevel=2)
             return
         if seq != 1:
             raise NotImplementedError(
@@ -155,6 +177,37 @@ class GenerationState:
         mask = torch.ones(window.shape, dtype=torch.bool, device=window.device)
         self.step = Step(Phase.RESELECT, mask, generation=self.generation)
         return args, kwargs
+
+    def _uncached_step(self, batch: int, seq: int, attention_mask: torch.Tensor | None, device) -> Step:
+        """A step of ``generate(use_cache=False)``: the prompt and every token generated so far, run again.
+
+        It runs as teacher forcing: the prompt dense (statistics from it, as in its prefill), the generated tokens
+        sparse plus the correction, which are the values generation with a KV cache computes.
+        """
+        prompt = self._generating[-1]  # (batch, P)
+        if self.reselect_every() is not None:
+            raise NotImplementedError(
+                "Reselection (reselect_every) reruns tokens through the KV cache, so it needs generate(use_cache=True)."
+            )
+        if batch != prompt.shape[0] or seq <= prompt.shape[1]:
+            raise ValueError(
+                f"generate(use_cache=False) fed inputs of shape {(batch, seq)} after a prompt of shape "
+                f"{tuple(prompt.shape)}; Caprese expects the prompt followed by the tokens generated so far."
+            )
+        prompt_mask = torch.zeros(batch, seq, dtype=torch.bool, device=device)
+        prompt_mask[:, : prompt.shape[1]] = prompt
+        real = self._prompt_mask(attention_mask, batch, seq, device)
+        return Step(Phase.TEACHER_FORCED, prompt_mask, sparse_mask=real & ~prompt_mask, generation=self.generation)
+
+    @contextmanager
+    def generating(self) -> Iterator[None]:
+        """Mark one ``generate`` call: its first forward is the prefill, and any later forward without a KV cache
+        (``use_cache=False`` recomputes the whole sequence at every step) runs the generated tokens sparse."""
+        self._generating.append(None)
+        try:
+            yield
+        finally:
+            self._generating.pop()
 
     @staticmethod
     def _prompt_mask(attention_mask: torch.Tensor | None, batch: int, seq: int, device) -> torch.Tensor:

@@ -61,7 +61,7 @@ class GriffinDecoder(SparseDecoder):
         A new prompt or a reselection replaces the statistics object; an optimizer step or a reload changes the
         weights (see ``CapreseLayer.weights_key``). A stale cache is freed before the new one is built.
         """
-        key = (self.layer.weights_key(self.adapter), stats.keep.data_ptr(), stats.keep._version)
+        key = self.layer.weights_key(self.adapter)
         cached = self._cache
         if cached is not None and cached[0] is stats and cached[1] == key:
             return cached[2]
