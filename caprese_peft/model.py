@@ -96,8 +96,13 @@ class CapreseModel(BaseTuner):
             return self.model.generate(*args, **kwargs)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        was_active = adapter_name in self.active_adapters
         super().delete_adapter(adapter_name)
         self._forget_layers()
+        if was_active and self.peft_config:
+            # PEFT takes the next active adapter from the first wrapped block, which need not hold any other adapter
+            # (adapters may wrap different layers): choose it from the remaining adapters, as PEFT's layers do
+            self.set_adapter(sorted(self.peft_config)[0])
 
     def _prepare_adapter_config(self, peft_config: CapreseConfig, model_config: dict) -> CapreseConfig:
         if peft_config.target_modules is None:

@@ -127,8 +127,8 @@ def random_prompts(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
-def greedy(model, ids, mask, n: int = 6):
-    """Greedy generation of exactly ``n`` tokens: ``(sequences (B, T), logits (B, n, V))``."""
+def greedy(model, ids, mask, n: int = 6, **kwargs):
+    """Greedy generation of exactly ``n`` tokens: ``(sequences (B, T), logits (B, n, V))``; ``kwargs`` go to generate."""
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -137,6 +137,7 @@ def greedy(model, ids, mask, n: int = 6):
         do_sample=False,
         output_logits=True,
         return_dict_in_generate=True,
+        **kwargs,
     )
     return out.sequences, torch.stack(out.logits, dim=1)
 
