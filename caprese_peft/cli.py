@@ -145,7 +145,7 @@ def _card_targets(args: argparse.Namespace) -> list[Path]:
 
 def _record_eval(results: dict, args: argparse.Namespace) -> None:
     """Write an eval run's figures into each adapter's model card, with dense and the backbone as baselines."""
-    from .model_card import update_model_card
+    from .model_card import describe_source, update_model_card
 
     def figures(method: dict) -> dict:
         values = {
@@ -161,7 +161,7 @@ def _record_eval(results: dict, args: argparse.Namespace) -> None:
 
     methods = results["methods"]
     baselines = {name: figures(m) for name, m in methods.items() if m["kind"] != "adapter"}
-    dataset = f"{args.data} ({args.split} split, {results['problems']} problems)"
+    dataset = f"{describe_source(args.data)}, {args.split} split, {results['problems']} problems"
     notes = f"greedy, at most {args.max_new_tokens} new tokens, latency on {results['device']}"
     for m in methods.values():
         if m["kind"] == "adapter":

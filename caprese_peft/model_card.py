@@ -12,6 +12,7 @@ from the adapter config and that block on every write, so text a user adds aroun
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -35,6 +36,37 @@ _FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow")
 def _is_hub_dataset(name: str) -> bool:
     # a Hub id looks like "owner/name"; a local file has a data suffix or exists here
     return bool(_HUB_ID.match(name)) and not name.endswith(_FILE_SUFFIXES) and not Path(name).exists()
+
+
+def describe_source(source: str | os.PathLike) -> str:
+    """What identifies a data set or an adapter in a card that may be published, without exposing this machine.
+
+    A Hub id stays as it is; an existing local file becomes its name, size and content hash (``synth.jsonl
+    (1,234 bytes, sha256 0123456789ab)``), a local folder its name and a hash of its files; any other path only its
+    name. A card written by ``save_pretrained`` is what ``push_to_hub`` publishes, so no directory goes into it.
+    """
+    name = str(source)
+    path = Path(name)
+    if _is_hub_dataset(name):
+        return name
+    if path.is_file():
+        return f"{path.name} ({path.stat().st_size:,} bytes, sha256 {_sha256([path])})"
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return f"{path.resolve().name}/ ({len(files)} files, sha256 {_sha256(files, root=path)})"
+    return path.name or name
+
+
+def _sha256(files: Sequence[Path], root: Path | None = None) -> str:
+    """The first 12 hex digits of a SHA-256 over the files' contents (and, under ``root``, their relative names)."""
+    digest = hashlib.sha256()
+    for file in files:
+        if root is not None:
+            digest.update(str(file.relative_to(root)).encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 def _caprese_config(model: Any) -> tuple[str, Any] | None:
@@ -84,11 +116,14 @@ def _recording(
             raise ValueError(
                 f"training_data must be a dataset name or path, or a list of them; got {training_data!r}."
             )
-        update["training_data"] = [str(i) for i in items]
+        update["training_data"] = [describe_source(i) for i in items]
     if training is not None:
         if not isinstance(training, Mapping):
             raise ValueError(f"training must be a mapping (e.g. {{'stage': 'e2e', 'epochs': 3}}), got {training!r}.")
-        update["training"] = json.loads(json.dumps(dict(training), default=str))  # plain YAML-safe values
+        record = dict(training)
+        if record.get("init"):  # the adapter training started from, as the card of a published one may name it
+            record["init"] = describe_source(record["init"])
+        update["training"] = json.loads(json.dumps(record, default=str))  # plain YAML-safe values
     if metrics is not None or baselines is not None:
         if not metrics:
             raise ValueError(

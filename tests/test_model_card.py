@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -47,7 +48,7 @@ def test_save_pretrained_writes_a_hub_model_card(tmp_path):
     assert {"caprese", "caprese-griffin", "base_model:adapter:org/tiny-llama"} <= set(data["tags"])
     assert data["pipeline_tag"] == "text-generation"
     assert data["datasets"] == ["openai/gsm8k"]  # Hub ids only; the local file is named in the body
-    assert data["caprese"]["training_data"] == ["openai/gsm8k", "out/synth.jsonl"]
+    assert data["caprese"]["training_data"] == ["openai/gsm8k", "synth.jsonl"]  # a path that is not here: its name
     assert data["caprese"]["adapter_params"] == 2 * 2 * 48 * 4 and data["caprese"]["blocks"] == 2
     text = card.text
     for expected in (
@@ -56,7 +57,7 @@ def test_save_pretrained_writes_a_hub_model_card(tmp_path):
         "| density | 0.4 of",
         "| rank r | 4 ",
         "| target layers | decoder layers 0, 1 |",
-        "| training data | `openai/gsm8k`, `out/synth.jsonl` |",
+        "| training data | `openai/gsm8k`, `synth.jsonl` |",
         "| training | stage e2e, epochs 3 |",
         "import caprese_peft",
         "- PEFT ",  # PEFT's own update ran on our card
@@ -170,9 +171,12 @@ def test_distill_then_eval_record_training_data_and_figures(files):
     main(["distill", "--model", str(files / "tiny"), "--data", str(files / "synth.jsonl"), "--stage", "closed-form"]
          + ["--rank", "4", "--batch-size", "3", "--output", str(adapter)])  # fmt: skip
     card = load(adapter)
-    assert card.data.to_dict()["caprese"]["training_data"] == [str(files / "synth.jsonl")]
+    data = files / "synth.jsonl"
+    digest = hashlib.sha256(data.read_bytes()).hexdigest()[:12]
+    identity = f"synth.jsonl ({data.stat().st_size:,} bytes, sha256 {digest})"  # the file, not where it lies
+    assert card.data.to_dict()["caprese"]["training_data"] == [identity]
     assert card.data.to_dict()["caprese"]["training"]["stage"] == "closed-form"
-    assert f"| training data | `{files / 'synth.jsonl'}` |" in card.text
+    assert f"| training data | `{identity}` |" in card.text
 
     fast = ["--max-new-tokens", "3", "--batch-size", "3", "--timing-tokens", "2", "--timing-repeats", "1"]
     main(["eval", "--model", str(files / "tiny"), "--data", str(files / "synth.jsonl"), "--split", "all", *fast]
@@ -184,7 +188,17 @@ def test_distill_then_eval_record_training_data_and_figures(files):
     assert figures["kl"] == pytest.approx(results["methods"]["cf"]["kl"])
     assert {"mean_length", "perplexity", "agreement_length", "active_fraction", "ttnt_ms"} <= set(figures)
     assert "| dense |" in card.text and "| backbone cats 0.5 |" in card.text  # baselines of the same run
-    assert card.data.to_dict()["caprese"]["training_data"] == [str(files / "synth.jsonl")]  # still there
+    assert card.data.to_dict()["caprese"]["training_data"] == [identity]  # still there
+    # what the card says of data and figures names no folder of this machine (the base model is PEFT's
+    # base_model_name_or_path: a local folder here because the test loads one, a Hub id for the packaged SmolLM2)
+    assert str(files) not in json.dumps(card.data.to_dict()["caprese"])
+    assert [line for line in card.text.splitlines() if str(files) in line] == [f"| base model | `{files / 'tiny'}` |"]
+
+    # an adapter trained further from this one names it the same way
+    main(["distill", "--model", str(files / "tiny"), "--data", str(data), "--stage", "closed-form", "--init", str(adapter)]
+         + ["--batch-size", "3", "--output", str(files / "again")])  # fmt: skip
+    init = load(files / "again").data.to_dict()["caprese"]["training"]["init"]
+    assert init.startswith("cf/ (") and str(files) not in init
 
 
 def test_eval_card_needs_local_adapter_folders(files, tmp_path):
