@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from tqdm.auto import tqdm
@@ -77,6 +79,16 @@ class CapreseModel(BaseTuner):
 
     def _forget_layers(self) -> None:
         self.__dict__.pop("_layer_of_adapter", None)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        # PeftModel drops `adapter_names` before calling the model: refuse it rather than run the active adapter
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "Caprese runs one adapter for a whole batch: adapter_names (a different adapter per row) is not "
+                "supported. Split the batch by adapter and call set_adapter(name) before each part."
+            )
+        yield
 
     def generate(self, *args, **kwargs):
         """``generate`` of the wrapped model, which ``PeftModel.generate`` calls.

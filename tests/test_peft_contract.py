@@ -175,6 +175,15 @@ def test_requires_grad_follows_the_active_adapter(case):
     assert trainable() == set()
 
 
+def test_mixed_adapter_batches_are_refused_clearly():
+    both, _, _ = two_adapters("llama", "cats")
+    ids, mask = random_prompts([5, 6])
+    with pytest.raises(ValueError, match="one adapter for a whole batch"):
+        both(input_ids=ids, attention_mask=mask, adapter_names=["default", "other"])
+    with pytest.raises(ValueError, match="one adapter for a whole batch"):
+        both.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, adapter_names=["default", "other"])
+
+
 def test_merging_is_refused_clearly(case):
     arch, config = case
     model = alone(arch, CONFIGS[config], seed=1)
