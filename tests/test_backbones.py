@@ -9,6 +9,7 @@ from peft import get_peft_model
 from caprese_peft import Backbone, CapreseConfig, available_backbones, register_backbone
 from caprese_peft.backbones import Cats, Griffin
 from caprese_peft.backbones import base as backbone_base
+from caprese_peft.backbones.cats import THRESHOLD_SAMPLE
 from caprese_peft.backbones.griffin import griffin_scores
 
 from conftest import random_prompts, tiny_model
@@ -57,6 +58,26 @@ def test_cats_threshold_is_the_kth_smallest_magnitude_even_with_ties(density):
         values = gate[row][mask[row]].abs().flatten()
         n_drop = values.numel() - round(density * values.numel())
         assert threshold[row].item() == values.kthvalue(n_drop).values.item()
+
+
+@pytest.mark.parametrize("density", [0.3, 0.5, 0.8])
+def test_a_long_prompt_calibrates_on_a_fixed_sample(density):
+    """Past THRESHOLD_SAMPLE values the threshold is the order statistic of a sample: close to the exact one, the
+    same for a prompt alone and in a left-padded batch, and blind to padding."""
+    assert THRESHOLD_SAMPLE < 300 * 57
+    gate = _random(1, 300, 57, seed=5)
+    alone = Cats(density).calibrate(gate, gate, torch.ones(1, 300, dtype=torch.bool)).threshold
+    kept = (gate.abs() > alone).float().mean().item()
+    assert abs(kept - density) < 4 * 0.5 / THRESHOLD_SAMPLE**0.5  # four standard deviations of the rank error
+    exact = gate.abs().flatten().kthvalue(gate.numel() - round(density * gate.numel())).values
+    assert alone.item() != exact.item()  # sampled, not the exact selection
+
+    batch = torch.cat([_random(1, 40, 57, seed=6) * 100, gate], dim=1).repeat(2, 1, 1)  # loud padding first
+    batch[1] = torch.cat([_random(1, 340, 57, seed=7)], dim=1)[0]  # another, longer prompt beside it
+    mask = torch.ones(2, 340, dtype=torch.bool)
+    mask[0, :40] = False
+    together = Cats(density).calibrate(batch, batch, mask).threshold
+    assert together[0].item() == alone.item()
 
 
 def test_cats_density_one_keeps_everything():

@@ -19,11 +19,14 @@ class GriffinStats:
 
 
 def griffin_scores(z: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-    """``s_j = || z_ij / ||z_i|| ||_2`` over the prompt tokens i of each sequence, in fp32; ``(batch, d_ff)``."""
-    z = z.float()
-    z = z / z.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    z = z * token_mask.unsqueeze(-1)
-    return z.square().sum(dim=1).sqrt()
+    """``s_j = || z_ij / ||z_i|| ||_2`` over the prompt tokens i of each sequence, in fp32; ``(batch, d_ff)``.
+
+    Computed as ``s_j^2 = sum_i w_i z_ij^2`` with ``w_i = mask_i / ||z_i||^2``: three passes over ``z`` (square,
+    row sums, one GEMV) rather than a normalised copy of it, so the prefill pays little for the statistic.
+    """
+    squares = z.float().square()  # (B, S, F)
+    weights = token_mask / squares.sum(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)  # (B, S)
+    return (weights.unsqueeze(1) @ squares).squeeze(1).sqrt()
 
 
 def top_neurons(score: torch.Tensor, density: float) -> torch.Tensor:
