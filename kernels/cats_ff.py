@@ -1,14 +1,17 @@
 """Fused CATS + low-rank feed-forward for decode tokens, as a thresholded GEMV that skips inactive neurons.
 
-Torch reference: ``caprese_peft.sparse_ff.cats_merged_ff``. The low-rank factors are appended to the FF weights
-as ``r`` always-active neurons (``up = [W1; L^T]``, ``down_t = [W2^T; R]``, both ``(F + r, D)`` and
-neuron-major), so one kernel pair serves the sparse block and the correction. Three steps per call:
+Torch reference: ``caprese_peft.sparse_ff.cats_merged_ff``. The low-rank factors act as ``r`` always-active
+neurons after the ``F`` FF neurons: their up rows are ``L^T`` and their down rows ``R``, so one kernel pair serves
+the sparse block and the correction. Every weight is read neuron-major, one row per neuron: ``Wg`` and ``W1`` as
+``nn.Linear`` stores them (read in place, no copy), ``W2^T`` (the one copy: ``nn.Linear`` stores ``W2`` with a
+neuron per column, and skipping single neurons of a row-major ``W2`` would save no memory traffic), and ``L^T``
+and ``R`` apart from them. Three steps per call:
 
 1. ``gate = x @ Wg^T`` in torch: every neuron needs it, so it is a dense GEMV cuBLAS already does well;
-2. ``_cats_up_kernel``: activation, threshold and the up GEMV, reading only the ``up`` rows of neurons
-   active for at least one sequence of the batch; writes ``z (B, F + r)`` in fp32, zero where inactive;
-3. ``_cats_down_kernel``: a split-K GEMV over neurons that reads only the ``down_t`` rows where ``z`` is
-   nonzero, accumulating ``(B, D)`` in fp32 with atomic adds.
+2. ``_cats_up_kernel``: activation, threshold and the up GEMV, reading only the up rows of neurons active for
+   at least one sequence of the batch; writes ``z (B, F + r)`` in fp32, zero where inactive;
+3. ``_cats_down_kernel``: a split-K GEMV over neurons that reads only the down rows where ``z`` is nonzero,
+   accumulating ``(B, D)`` in fp32 with atomic adds.
 
 Layers, as in Liger-Kernel: the jit kernels, the host wrapper ``cats_ff_triton``, the ``torch.library``
 custom op ``caprese::cats_ff`` (traceable by ``torch.compile``), and the dispatcher ``cats_ff``.
@@ -80,7 +83,8 @@ def prune_by_registers(configs: list[triton.Config], named_args: dict, **kwargs)
 def _cats_up_kernel(
     GATE,  # (B, F) gate pre-activation x @ Wg^T, input dtype
     X,  # (B, D) input dtype
-    UP,  # (F + r, D) W1 rows, then L^T rows; contiguous
+    UP,  # (F, D) W1, contiguous
+    LOW_UP,  # (r, D) L^T, contiguous
     THRESHOLD,  # (B,) fp32
     Z,  # (B, F + r) fp32 output
     n_rows,
@@ -130,12 +134,19 @@ def _cats_up_kernel(
             other=0.0,
             eviction_policy="evict_last",  # every program reads x: keep it in cache
         ).to(tl.float32)  # (BLOCK_B, BLOCK_D)
+        # masked-off rows cost no memory traffic; each neuron's row comes from W1 or from L^T
         w = tl.load(
             UP + neurons[:, None] * hidden + cols[None, :],
-            mask=active[:, None] & col_ok[None, :],  # masked-off rows cost no memory traffic
+            mask=(active & is_ff)[:, None] & col_ok[None, :],
             other=0.0,
             eviction_policy="evict_first",  # each weight is read once
         ).to(tl.float32)  # (BLOCK_N, BLOCK_D)
+        w += tl.load(
+            LOW_UP + (neurons - ff_size)[:, None] * hidden + cols[None, :],
+            mask=(active & is_low_rank)[:, None] & col_ok[None, :],
+            other=0.0,
+            eviction_policy="evict_first",
+        ).to(tl.float32)
         acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
     tl.store(
         Z + rows[:, None] * stride_z + neurons[None, :],
@@ -153,10 +164,12 @@ def _cats_up_kernel(
 @triton.jit
 def _cats_down_kernel(
     Z,  # (B, F + r) fp32, zero for inactive neurons
-    DOWN_T,  # (F + r, D) W2^T rows, then R rows; contiguous
+    DOWN_T,  # (F, D) W2^T, contiguous
+    LOW_DOWN,  # (r, D) R, contiguous
     OUT,  # (B, D) fp32, zero-initialised
     n_rows,
     hidden,
+    ff_size,
     n_neurons,
     stride_z,
     stride_out,
@@ -187,33 +200,55 @@ def _cats_down_kernel(
             other=0.0,
         )  # (BLOCK_B, BLOCK_N)
         active = tl.sum((z != 0.0).to(tl.int32), axis=0) > 0  # a zero z contributes nothing: skip its row
+        is_ff = neurons < ff_size
         w = tl.load(
             DOWN_T + neurons[:, None] * hidden + cols[None, :],
-            mask=active[:, None] & col_ok[None, :],
+            mask=(active & is_ff)[:, None] & col_ok[None, :],
             other=0.0,
             eviction_policy="evict_first",
         ).to(tl.float32)  # (BLOCK_N, BLOCK_D)
+        w += tl.load(
+            LOW_DOWN + (neurons - ff_size)[:, None] * hidden + cols[None, :],
+            mask=(active & ~is_ff & (neurons < n_neurons))[:, None] & col_ok[None, :],
+            other=0.0,
+            eviction_policy="evict_first",
+        ).to(tl.float32)
         acc += tl.sum(z[:, :, None] * w[None, :, :], axis=1)
     tl.atomic_add(OUT + rows[:, None] * stride_out + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
 @dataclass(frozen=True)
 class CatsFFWeights:
-    """FF weights laid out for the kernel: the ``r`` low-rank neurons follow the ``F`` FF neurons."""
+    """FF weights laid out for the kernel, one row per neuron; the ``r`` low-rank neurons follow the ``F``.
+
+    ``gate`` and ``up`` are the model's own ``Wg`` and ``W1`` (no copy); ``down_t`` is the one copy, ``W2^T``.
+    """
 
     gate: torch.Tensor  # (F, D): Wg as nn.Linear stores it
-    up: torch.Tensor  # (F + r, D): W1, then L^T
-    down_t: torch.Tensor  # (F + r, D): W2^T, then R
-    intermediate_size: int  # F
+    up: torch.Tensor  # (F, D): W1 as nn.Linear stores it
+    low_up: torch.Tensor  # (r, D): L^T
+    down_t: torch.Tensor  # (F, D): W2^T
+    low_down: torch.Tensor  # (r, D): R
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.up.shape[0]
 
     @property
     def rank(self) -> int:
-        return self.up.shape[0] - self.intermediate_size
+        return self.low_up.shape[0]
+
+    def copied_bytes(self) -> int:
+        """Bytes held beyond the model's own weights: ``W2^T`` and ``L^T`` (``R`` is the parameter itself)."""
+        return self.down_t.nbytes + self.low_up.nbytes
+
+    def op_args(self) -> tuple[torch.Tensor, ...]:
+        """``(gate, up, low_up, down_t, low_down)``, as ``torch.ops.caprese.cats_ff`` takes them after ``x``."""
+        return self.gate, self.up, self.low_up, self.down_t, self.low_down
 
     def reference_args(self) -> tuple[torch.Tensor, ...]:
         """``(Wg, W1, W2, L, R)`` as views of these weights, for ``cats_merged_ff``."""
-        ff = self.intermediate_size
-        return self.gate, self.up[:ff], self.down_t[:ff].T, self.up[ff:].T, self.down_t[ff:]
+        return self.gate, self.up, self.down_t.T, self.low_up.T, self.low_down
 
 
 def prepare_cats_weights(
@@ -225,26 +260,32 @@ def prepare_cats_weights(
 ) -> CatsFFWeights:
     """Lay out ``Wg (F, D)``, ``W1 (F, D)``, ``W2 (D, F)``, ``L (D, r)``, ``R (r, D)`` for ``cats_ff``.
 
-    Copies W1 and W2 once (do it after training, not per step); the copies can replace the originals.
+    Copies ``W2`` once, transposed (do it after training, not per step), and ``L`` (``r`` rows); ``Wg``, ``W1`` and
+    ``R`` are used in place, so an in-place update of them shows through.
     """
-    _, ff_size, _ = check_ff_weights(gate_weight, up_weight, down_weight, low_rank_left, low_rank_right)
+    check_ff_weights(gate_weight, up_weight, down_weight, low_rank_left, low_rank_right)
     tensors = (gate_weight, up_weight, down_weight, low_rank_left, low_rank_right)
     if len({t.dtype for t in tensors}) != 1 or len({t.device for t in tensors}) != 1:
         found = [(str(t.dtype), str(t.device)) for t in tensors]
         raise ValueError(f"FF weights and low-rank factors need one dtype and device, got {found}.")
     with torch.no_grad():
-        up = torch.cat([up_weight, low_rank_left.T]).contiguous()  # (F + r, D)
-        down_t = torch.cat([down_weight.T, low_rank_right]).contiguous()  # (F + r, D)
-        return CatsFFWeights(gate=gate_weight.detach().contiguous(), up=up, down_t=down_t, intermediate_size=ff_size)
+        return CatsFFWeights(
+            gate=gate_weight.detach().contiguous(),
+            up=up_weight.detach().contiguous(),
+            low_up=low_rank_left.detach().T.contiguous(),
+            down_t=down_weight.detach().T.contiguous(),
+            low_down=low_rank_right.detach().contiguous(),
+        )
 
 
 def _check_op_inputs(
     x: torch.Tensor,
     gate_weight: torch.Tensor,
     up_weight: torch.Tensor,
+    low_up: torch.Tensor,
     down_weight_t: torch.Tensor,
+    low_down: torch.Tensor,
     threshold: torch.Tensor,
-    intermediate_size: int,
     activation: str,
 ) -> None:
     if activation not in ACTIVATIONS:
@@ -257,21 +298,20 @@ def _check_op_inputs(
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"x must be one of {SUPPORTED_DTYPES}, got {x.dtype}.")
     n_rows, hidden = x.shape
-    n_neurons = up_weight.shape[0]
-    expected = {
-        "gate_weight": (gate_weight, (intermediate_size, hidden)),
-        "up_weight": (up_weight, (n_neurons, hidden)),
-        "down_weight_t": (down_weight_t, (n_neurons, hidden)),
-        "threshold": (threshold, (n_rows,)),
+    ff_size, rank = gate_weight.shape[0], low_up.shape[0]
+    weights = {
+        "gate_weight": (gate_weight, (ff_size, hidden)),
+        "up_weight": (up_weight, (ff_size, hidden)),
+        "low_up": (low_up, (rank, hidden)),
+        "down_weight_t": (down_weight_t, (ff_size, hidden)),
+        "low_down": (low_down, (rank, hidden)),
     }
-    for name, (tensor, shape) in expected.items():
+    for name, (tensor, shape) in {**weights, "threshold": (threshold, (n_rows,))}.items():
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{name} must be {shape} for x {tuple(x.shape)}, got {tuple(tensor.shape)}.")
         if tensor.device != x.device:
             raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}.")
-    if n_neurons < intermediate_size:
-        raise ValueError(f"up_weight has {n_neurons} rows, fewer than intermediate_size={intermediate_size}.")
-    for name, tensor in (("gate_weight", gate_weight), ("up_weight", up_weight), ("down_weight_t", down_weight_t)):
+    for name, (tensor, _) in weights.items():
         if tensor.dtype != x.dtype:
             raise ValueError(f"{name} is {tensor.dtype} but x is {x.dtype}; the kernel takes one dtype.")
         if not tensor.is_contiguous():
@@ -284,20 +324,22 @@ def cats_ff_triton(
     x: torch.Tensor,
     gate_weight: torch.Tensor,
     up_weight: torch.Tensor,
+    low_up: torch.Tensor,
     down_weight_t: torch.Tensor,
+    low_down: torch.Tensor,
     threshold: torch.Tensor,
-    intermediate_size: int,
     activation: str,
 ) -> torch.Tensor:
     """Host wrapper of the fused kernels: ``x (B, D) -> (B, D)``, accumulating in fp32.
 
-    Weights as in ``CatsFFWeights``; ``threshold`` is ``(B,)`` fp32. Reference: ``cats_merged_ff``.
+    Weights as in ``CatsFFWeights.op_args``; ``threshold`` is ``(B,)`` fp32. Reference: ``cats_merged_ff``.
     """
-    _check_op_inputs(x, gate_weight, up_weight, down_weight_t, threshold, intermediate_size, activation)
+    _check_op_inputs(x, gate_weight, up_weight, low_up, down_weight_t, low_down, threshold, activation)
     x = x.contiguous()  # (B, D): tiny, unlike the weights
     threshold = threshold.contiguous()
     n_rows, hidden = x.shape
-    n_neurons = up_weight.shape[0]
+    ff_size = up_weight.shape[0]
+    n_neurons = ff_size + low_up.shape[0]
     block_b = triton.next_power_of_2(n_rows)
 
     gate = x @ gate_weight.T  # (B, F)
@@ -306,11 +348,12 @@ def cats_ff_triton(
         gate,
         x,
         up_weight,
+        low_up,
         threshold,
         z,
         n_rows,
         hidden,
-        intermediate_size,
+        ff_size,
         n_neurons,
         gate.stride(0),
         x.stride(0),
@@ -322,9 +365,11 @@ def cats_ff_triton(
     _cats_down_kernel[lambda meta: (triton.cdiv(hidden, meta["BLOCK_D"]), meta["SPLIT_N"])](
         z,
         down_weight_t,
+        low_down,
         out,
         n_rows,
         hidden,
+        ff_size,
         n_neurons,
         z.stride(0),
         out.stride(0),
@@ -339,13 +384,14 @@ def cats_ff_op(
     x: torch.Tensor,
     gate_weight: torch.Tensor,
     up_weight: torch.Tensor,
+    low_up: torch.Tensor,
     down_weight_t: torch.Tensor,
+    low_down: torch.Tensor,
     threshold: torch.Tensor,
-    intermediate_size: int,
     activation: str,
 ) -> torch.Tensor:
     """``torch.ops.caprese.cats_ff``: ``cats_ff_triton`` as an op ``torch.compile`` can trace."""
-    return cats_ff_triton(x, gate_weight, up_weight, down_weight_t, threshold, intermediate_size, activation)
+    return cats_ff_triton(x, gate_weight, up_weight, low_up, down_weight_t, low_down, threshold, activation)
 
 
 @cats_ff_op.register_fake
@@ -353,9 +399,10 @@ def _cats_ff_fake(
     x: torch.Tensor,
     gate_weight: torch.Tensor,
     up_weight: torch.Tensor,
+    low_up: torch.Tensor,
     down_weight_t: torch.Tensor,
+    low_down: torch.Tensor,
     threshold: torch.Tensor,
-    intermediate_size: int,
     activation: str,
 ) -> torch.Tensor:
     return torch.empty_like(x)  # (B, D), x's dtype: what torch.compile needs to trace past the op
@@ -417,13 +464,7 @@ def cats_ff(
 
     if use_kernels:
         out = torch.ops.caprese.cats_ff(
-            x.reshape(batch, hidden),
-            weights.gate,
-            weights.up,
-            weights.down_t,
-            threshold.reshape(batch).float(),
-            weights.intermediate_size,
-            activation,
+            x.reshape(batch, hidden), *weights.op_args(), threshold.reshape(batch).float(), activation
         )  # (B, D)
         return out.view(x.shape)
     out = cats_merged_ff(

@@ -10,7 +10,7 @@ import torch
 from caprese_peft import decode_impl
 from caprese_peft.fast_decode import FastDecoder
 
-from conftest import greedy, random_prompts, tiny_model, wrap
+from conftest import greedy, layers_of, random_prompts, tiny_model, wrap
 
 LEAN_ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3"]
 NEW_TOKENS = 8
@@ -114,6 +114,25 @@ def test_buffers_are_reused_across_prompt_batches_of_one_shape():
     assert torch.equal(
         decoder.generate(ids, mask, max_new_tokens=4), reference_generate(model, "caprese", ids, mask, 4)
     )
+
+
+def test_extra_memory_is_what_each_variant_copies():
+    """CATS reads Wg and W1 in place and copies only W2^T (and L^T); the dense lean step copies gate/up to fuse them."""
+    model = build("llama", dict(backbone="cats", layers_to_transform=[1, 3]))
+    ids, mask = random_prompts([6, 4])
+    extra = {}
+    for mode in ("dense", "caprese"):
+        decoder = FastDecoder(model, mode=mode)
+        decoder.generate(ids, mask, max_new_tokens=3)
+        extra[mode] = decoder.lean.extra_bytes(model)
+    layers = layers_of(model)
+    mlp = layers[0].base_layer
+    gate_up = mlp.gate_proj.weight.nbytes + mlp.up_proj.weight.nbytes
+    copied = mlp.down_proj.weight.nbytes + layers[0].caprese_L["default"].nbytes  # W2^T and L^T
+    thresholds = 2 * 4  # one fp32 per sequence
+    assert extra["caprese"] - extra["dense"] == len(layers) * (copied + thresholds - gate_up)
+    weights = layers[0].caprese_decoder["default"].weights()
+    assert weights.up.data_ptr() == mlp.up_proj.weight.data_ptr() and weights.copied_bytes() == copied
 
 
 def test_buffers_grow_for_a_longer_second_call_and_are_kept_for_a_shorter_one():

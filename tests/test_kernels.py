@@ -116,8 +116,8 @@ def test_weights_of_neurons_no_sequence_keeps_are_never_read(dtype):
     prepared = prepare_cats_weights(*weights)
     unused = ~(F.silu(x.float() @ weights[0].float().T).abs() > threshold[:, None]).any(dim=0)  # (F,)
     assert 10 < unused.sum() < FF // 2
-    prepared.up[:FF][unused] = float("nan")  # any read of these rows would turn the output into nan
-    prepared.down_t[:FF][unused] = float("nan")
+    prepared.up[unused] = float("nan")  # any read of these rows would turn the output into nan
+    prepared.down_t[unused] = float("nan")
     out = cats_ff(x, prepared, threshold, "silu", use_kernels=True)
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
@@ -138,7 +138,7 @@ def test_op_passes_opcheck():
     x, weights = make_problem(2, torch.float32, seed=3)
     prepared = prepare_cats_weights(*weights)
     threshold = half_threshold(x, weights[0], F.silu)
-    args = (x, prepared.gate, prepared.up, prepared.down_t, threshold, FF, "silu")
+    args = (x, *prepared.op_args(), threshold, "silu")
     torch.library.opcheck(
         torch.ops.caprese.cats_ff.default,
         args,
@@ -199,7 +199,8 @@ def test_bad_inputs_fail_early_with_a_reason():
         prepare_cats_weights(weights[0].half(), *weights[1:])
     with pytest.raises(ValueError, match="must be contiguous"):
         transposed_gate = prepared.gate.T.contiguous().T  # same shape, column-major
-        cats_ff_triton(x[:2], transposed_gate, prepared.up, prepared.down_t, threshold[:2], FF, "silu")
+        args = prepared.op_args()
+        cats_ff_triton(x[:2], transposed_gate, *args[1:], threshold[:2], "silu")
 
 
 @pytest.mark.parametrize("block_b", [1, 2, 4, 8])

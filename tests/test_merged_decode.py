@@ -198,3 +198,21 @@ def test_cats_kernel_inside_the_layer_matches_reference():
         got = greedy(model, ids, mask, 4)
     assert all(built(layer) is not None for layer in layers_of(model))
     assert_same_greedy(want, got, ids.shape[1], torch.float32)
+
+
+def test_kernel_weights_share_the_model_s_and_leave_the_base_bit_identical():
+    """The CATS decode weights read Wg and W1 in place; prefill and the disabled adapter still equal the base."""
+    base = tiny_model("qwen2")
+    model = wrap(tiny_model("qwen2"), backbone="cats")
+    ids, mask = random_prompts([7, 5])
+    with decode_impl(model, "merged"):
+        greedy(model, ids, mask, NEW_TOKENS)  # builds the kernel weights of every layer
+    layer = layers_of(model)[0]
+    assert built(layer)[True][1].gate.data_ptr() == layer.base_layer.gate_proj.weight.data_ptr()
+    with model.disable_adapter():
+        disabled = greedy(model, ids, mask, NEW_TOKENS)
+    want = greedy(base.requires_grad_(False), ids, mask, NEW_TOKENS)
+    assert torch.equal(disabled[0], want[0]) and torch.equal(disabled[1], want[1])
+    with torch.no_grad():
+        prefill = model(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(prefill, base(input_ids=ids, attention_mask=mask).logits)

@@ -169,7 +169,7 @@ class CatsFF(nn.Module):
                 f"{decoder.layer.base_layer.act_fn!r} is neither."
             )
         weights = decoder.weights(low_rank)  # shared with the layer's merged decode
-        for tensor in (weights.gate, weights.up, weights.down_t):
+        for tensor in weights.op_args():
             _static(tensor)
         object.__setattr__(self, "weights", weights)
         object.__setattr__(self, "_cats_ff", cats_ff)
@@ -194,8 +194,8 @@ class CatsFF(nn.Module):
         """
         w = self.weights
         density = self.decoder.backbone.density if density is None else density
-        rows = density * w.intermediate_size + w.rank
-        return w.gate.nbytes + round(rows * (w.up.nbytes + w.down_t.nbytes) / w.up.shape[0])
+        row_bytes = (w.up.nbytes + w.down_t.nbytes) / w.intermediate_size  # one neuron's up and down rows
+        return w.gate.nbytes + round(density * w.intermediate_size * row_bytes) + w.low_up.nbytes + w.low_down.nbytes
 
 
 class Attention(nn.Module):
@@ -255,8 +255,11 @@ class Attention(nn.Module):
     def weight_bytes(self) -> int:
         return self.qkv.nbytes + self.o.nbytes
 
+    def cache_tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t for t in (self.k_cache, self.v_cache) if t is not None)
+
     def cache_bytes(self) -> int:
-        return self.k_cache.nbytes + self.v_cache.nbytes
+        return sum(t.nbytes for t in self.cache_tensors())
 
 
 class DecoderLayer(nn.Module):
@@ -355,6 +358,19 @@ class LeanDecoder(nn.Module):
     def cache_bytes(self) -> int:
         """Bytes of KV cache one step reads: the whole static cache (unused slots are masked, not skipped)."""
         return sum(layer.attn.cache_bytes() for layer in self.layers)
+
+    def extra_bytes(self, model: nn.Module) -> int:
+        """Bytes this step holds beyond ``model``'s own weights and the KV cache (``cache_bytes``): its fused copies
+        (q/k/v, gate/up), GRIFFIN's per-sequence pruned weights, CATS's transposed down weights, rotary tables."""
+        skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        skip |= {t.untyped_storage().data_ptr() for layer in self.layers for t in layer.attn.cache_tensors()}
+        held: dict[int, int] = {}
+        for module in self.modules():
+            weights = getattr(module, "weights", None)  # a CatsFF's kernel weights
+            for tensor in (*module.buffers(recurse=False), *(weights.op_args() if weights is not None else ())):
+                storage = tensor.untyped_storage()
+                held[storage.data_ptr()] = storage.nbytes()
+        return sum(size for pointer, size in held.items() if pointer not in skip)
 
 
 def cache_layer(cache: Any, index: int) -> tuple[torch.Tensor, torch.Tensor]:
