@@ -46,6 +46,27 @@ SMOKE_MODEL = {"smoke": (64, 176)}
 BF16_BYTES = 2
 # the op accumulates in fp32, cats_merged_ff in bf16; beyond this the kernel is wrong, not imprecise
 MAX_RELATIVE_ERROR = 2e-2
+# the GPU check's targets for one Llama-3.1-8B FF block at batch 1, density 0.5 (bf16, r = 256)
+TARGETS = {  # variant: (minimum speedup vs dense, minimum fraction of copy bandwidth on its own bytes)
+    "caprese_triton": (1.35, 0.8),
+    "caprese_griffin": (1.8, None),
+}
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """One line per target of the GPU check, met or not, from the rows at batch 1 and density 0.5."""
+    lines = []
+    for row in rows:
+        if row["batch"] != 1 or row["density"] != 0.5 or row["variant"] not in TARGETS:
+            continue
+        speedup, fraction = TARGETS[row["variant"]]
+        checks = [("speedup vs dense", row["speedup_vs_dense"], speedup)]
+        if fraction is not None:
+            checks.append(("fraction of copy bandwidth", row["fraction_of_copy_bw"], fraction))
+        for what, value, target in checks:
+            met = "met" if value >= target else "NOT met"
+            lines.append(f"- {met}: {row['model']} {row['variant']} {what} = {value:.3f} (target >= {target})")
+    return lines
 
 
 def thresholds_for_density(gate_abs: torch.Tensor, density: float) -> torch.Tensor:
@@ -225,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         writer.writerows(rows)
     print(f"\nwrote {len(rows)} rows to {output}")
+    print("\n".join(verdicts(rows)))
     return 0
 
 

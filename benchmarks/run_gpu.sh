@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # The one script a GPU session runs: GPU tests, the FF kernel benchmark and the end-to-end benchmark.
 #
-#   bash benchmarks/run_gpu.sh [stage ...]        (default: all stages, in this order)
+#   bash benchmarks/run_gpu.sh quick              the prepared check: at most 8 minutes on one H100/H200, every result
+#                                                 in $OUT as soon as it exists (benchmarks/gpu_check.py says what)
+#   bash benchmarks/run_gpu.sh [stage ...]        the longer stages below (default: all, in this order)
 #
-# Stages, with rough times on one H100 (a device command may run 10 minutes at most, so run a few per call):
+# The GPU machine has no aenum (caprese_peft registers its PEFT type with it) and cannot install from an index:
+# before the device call, run `python -m pip download --no-deps -d .whl aenum` here, keep .whl out of git
+# (`echo /.whl/ >> .git/info/exclude`) and name it in the call's `carry`; this script installs what .whl holds.
+#
+# Longer stages, with rough times on one H100 (a device command may run 10 minutes at most, so run a few per call):
 #   env          versions, GPU, import check                                   < 1 min
 #   tests        pytest -m "gpu or kernels" on the decode tests, on CUDA      ~ 3-5 min
 #   kernels      benchmarks/bench_ff_kernels.py, both models, batch 1/4/8     ~ 4-6 min
@@ -20,10 +26,17 @@
 # returns what it finished (bench_e2e.py rewrites its JSON after every variant). Commit them from there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+if compgen -G ".whl/*.whl" >/dev/null; then  # wheels carried for what the machine lacks
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export HF_HUB_OFFLINE=1
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
-E2E=(python benchmarks/bench_e2e.py --compile "${E2E_COMPILE:-reduce-overhead}")
+if [ "${1:-}" = quick ]; then
+    exec python3 benchmarks/gpu_check.py --out "${OUT:-benchmarks/results/quick}"
+fi
+E2E=(python3 benchmarks/bench_e2e.py --compile "${E2E_COMPILE:-reduce-overhead}")
 RESULTS=benchmarks/results
 mkdir -p "$RESULTS/logs" "$RESULTS/e2e"
 
@@ -49,19 +62,19 @@ run() {  # run STAGE COMMAND...: log to results/logs/STAGE.log, keep going on fa
 
 stage() {
     case "$1" in
-        env) run env bash -c 'nvidia-smi; git rev-parse --short HEAD; python -c "
-import torch, transformers, triton, peft, caprese_peft, kernels
+        env) run env bash -c 'nvidia-smi; git rev-parse --short HEAD; python3 -c "
+import torch, transformers, triton, peft, caprese_peft, caprese_peft.kernels
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"transformers\", transformers.__version__,
       \"triton\", triton.__version__, \"peft\", peft.__version__, \"gpu\", torch.cuda.get_device_name())"' ;;
-        tests) run tests python -m pytest -m "gpu or kernels" -q -rs \
+        tests) run tests python3 -m pytest -m "gpu or kernels" -q -rs \
             tests/test_kernels.py tests/test_merged_decode.py tests/test_fast_decode.py ;;
-        kernels) run kernels python benchmarks/bench_ff_kernels.py --densities 0.3 0.5 0.7 ;;
+        kernels) run kernels python3 benchmarks/bench_ff_kernels.py --densities 0.3 0.5 0.7 ;;
         e2e-llama-a) run e2e-llama-a "${E2E[@]}" --models llama-3.1-8b --variants dense griffin caprese-griffin ;;
         e2e-llama-b) run e2e-llama-b "${E2E[@]}" --models llama-3.1-8b --variants cats caprese-cats ;;
         e2e-qwen-a) run e2e-qwen-a "${E2E[@]}" --models qwen2.5-14b --variants dense griffin caprese-griffin ;;
         e2e-qwen-b) run e2e-qwen-b "${E2E[@]}" --models qwen2.5-14b --variants cats caprese-cats ;;
-        summary) run summary python benchmarks/bench_e2e.py --summarize ;;
-        *) echo "unknown stage '$1'; stages: env tests kernels e2e-llama-a e2e-llama-b e2e-qwen-a e2e-qwen-b summary"
+        summary) run summary python3 benchmarks/bench_e2e.py --summarize ;;
+        *) echo "unknown stage '$1'; stages: quick (alone), env tests kernels e2e-llama-a e2e-llama-b e2e-qwen-a e2e-qwen-b summary"
            return 2 ;;
     esac
 }

@@ -159,7 +159,8 @@ def cats_merged_ff(
         raise ValueError(f"x must be (B, T, D) with D={gate_weight.shape[1]}, got {tuple(x.shape)}.")
     if threshold.shape != (x.shape[0], 1, 1):
         raise ValueError(f"threshold must be (B, 1, 1) = ({x.shape[0]}, 1, 1), got {tuple(threshold.shape)}.")
-    gate = act(x @ gate_weight.T)  # (B, T, F)
+    # .t() rather than .T: torch.compile cannot trace .T of an input inside a nested_compile_region (torch 2.13)
+    gate = act(x @ gate_weight.t())  # (B, T, F)
     keep = gate.abs() > threshold  # (B, T, F)
-    z = (gate * keep) * (x @ up_weight.T)  # (B, T, F)
-    return z @ down_weight.T + (x @ low_rank_left) @ low_rank_right  # (B, T, D)
+    z = (gate * keep) * (x @ up_weight.t())  # (B, T, F)
+    return z @ down_weight.t() + (x @ low_rank_left) @ low_rank_right  # (B, T, D)

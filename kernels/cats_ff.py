@@ -37,9 +37,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _TILE_ELEMENTS_PER_THREAD = 64
 
 
-def _configs(gpu: list[triton.Config], interpret: triton.Config) -> list[triton.Config]:
-    # the interpreter runs every config it is given: one small config keeps CPU tests fast
-    return [interpret] if INTERPRET else gpu
+# the interpreter runs a config's blocks as Python loops: small blocks on small problems (several blocks and loop
+# iterations even there), large ones past this many weights (a Llama-8B layer would take minutes in small blocks)
+_INTERPRET_LARGE = 1 << 22
+
+
+def _configs(gpu: list[triton.Config], interpret: list[triton.Config]) -> list[triton.Config]:
+    return interpret if INTERPRET else gpu
 
 
 def gpu_up_configs() -> list[triton.Config]:
@@ -74,10 +78,22 @@ def prune_by_registers(configs: list[triton.Config], named_args: dict, **kwargs)
     return fitting or [min(configs, key=elements_per_thread)]
 
 
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """``prune_by_registers`` on a GPU; under the interpreter the one config, small or large blocks, that suits the
+    problem's size, so that nothing is benchmarked."""
+    if not INTERPRET:
+        return prune_by_registers(configs, named_args, **kwargs)
+    large = named_args["hidden"] * named_args["n_neurons"] > _INTERPRET_LARGE
+    return [max(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_D"]) if large else configs[0]]
+
+
 @triton.autotune(
-    configs=_configs(gpu_up_configs(), triton.Config({"BLOCK_N": 32, "BLOCK_D": 32}, num_warps=4)),
+    configs=_configs(
+        gpu_up_configs(),
+        [triton.Config({"BLOCK_N": 32, "BLOCK_D": 32}, num_warps=4), triton.Config({"BLOCK_N": 128, "BLOCK_D": 512})],
+    ),
     key=["hidden", "n_neurons", "BLOCK_B"],
-    prune_configs_by={"early_config_prune": prune_by_registers},
+    prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _cats_up_kernel(
@@ -156,9 +172,15 @@ def _cats_up_kernel(
 
 
 @triton.autotune(
-    configs=_configs(gpu_down_configs(), triton.Config({"BLOCK_N": 32, "BLOCK_D": 32, "SPLIT_N": 3}, num_warps=4)),
+    configs=_configs(
+        gpu_down_configs(),
+        [
+            triton.Config({"BLOCK_N": 32, "BLOCK_D": 32, "SPLIT_N": 3}, num_warps=4),
+            triton.Config({"BLOCK_N": 128, "BLOCK_D": 512, "SPLIT_N": 4}),
+        ],
+    ),
     key=["hidden", "n_neurons", "BLOCK_B"],
-    prune_configs_by={"early_config_prune": prune_by_registers},
+    prune_configs_by={"early_config_prune": _prune},
     reset_to_zero=["OUT"],  # accumulated with atomics: autotuning runs must each start from zero
 )
 @triton.jit
@@ -248,7 +270,7 @@ class CatsFFWeights:
 
     def reference_args(self) -> tuple[torch.Tensor, ...]:
         """``(Wg, W1, W2, L, R)`` as views of these weights, for ``cats_merged_ff``."""
-        return self.gate, self.up, self.down_t.T, self.low_up.T, self.low_down
+        return self.gate, self.up, self.down_t.t(), self.low_up.t(), self.low_down  # .t(): see cats_merged_ff
 
 
 def prepare_cats_weights(

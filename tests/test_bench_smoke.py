@@ -49,11 +49,13 @@ def test_end_to_end_benchmark_smoke(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     (result,) = tmp_path.glob("e2e_*.json")
     report = json.loads(result.read_text())
-    assert set(report["variants"]) == {"dense", "griffin", "caprese-griffin", "cats", "caprese-cats"}
+    assert set(report["variants"]) == {"hf-dense", "dense", "griffin", "caprese-griffin", "cats", "caprese-cats"}
     for variant in report["variants"].values():
         assert variant["ttft_ms"] > 0 and set(variant["settings"]) == {"4", "8"}
         assert variant["floor_ms"] > 0 and variant["settings"]["8"]["ttnt_ms"] > 0
-    weights = {name: v["weight_bytes"] for name, v in report["variants"].items()}
+    ours = {name: v for name, v in report["variants"].items() if name != "hf-dense"}  # transformers' generate
+    assert all(v["extra_bytes"] > 0 for v in ours.values())
+    weights = {name: v["weight_bytes"] for name, v in ours.items()}
     assert weights["griffin"] < weights["caprese-griffin"] < weights["dense"]
     assert weights["cats"] < weights["caprese-cats"] < weights["dense"]
     for key in ("device", "torch", "transformers", "triton", "commit"):
@@ -69,3 +71,19 @@ def test_end_to_end_benchmark_smoke(tmp_path):
 def test_without_a_gpu_the_scripts_say_so(name, capsys):
     assert load(name).main([]) == 2
     assert "torch.cuda.is_available() is False" in capsys.readouterr().err
+
+
+def test_the_prepared_gpu_check_smoke(tmp_path):
+    """The check a lent GPU runs first, on tiny shapes: every stage, its outputs, within the runner's file limits."""
+    done = run_script("gpu_check.py", "--smoke", "--out", str(tmp_path), "--budget", "400")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) <= 8 and all(len(p.relative_to(tmp_path).parts) <= 2 for p in files)  # what $OUT brings back
+    assert {"summary.md", "meta.json", "check.log", "ff.csv"} <= {p.name for p in files}
+    summary = (tmp_path / "summary.md").read_text()
+    for stage in ("env", "tests", "ff", "e2e"):
+        assert f"| {stage} | ok |" in summary
+    assert "extras imported: none" in summary  # generation needs none of trl, datasets, gguf, ...
+    assert "| caprese-cats |" in summary and "| hf-dense |" in summary and "caprese_triton" in summary
+    assert "met: " in summary  # a verdict line per target
+    assert json.loads((tmp_path / "meta.json").read_text())["commit"]

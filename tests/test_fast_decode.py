@@ -14,7 +14,7 @@ from conftest import greedy, layers_of, random_prompts, tiny_model, wrap
 
 LEAN_ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3"]
 NEW_TOKENS = 8
-CASES = {  # name: (adapter options or None for the plain model, FastDecoder mode)
+CASES = {  # name: (adapter options or None for the plain model, FastDecoder mode): every mode of the lean step
     "plain-dense": (None, "dense"),
     "griffin-caprese": (dict(backbone="griffin", layers_to_transform=[0, 1]), "caprese"),
     "griffin-backbone": (dict(backbone="griffin", layers_to_transform=[0, 1]), "backbone"),
@@ -154,17 +154,40 @@ def test_buffers_grow_for_a_longer_second_call_and_are_kept_for_a_shorter_one():
     assert decoder.lean.layers[0].attn.k_cache is lean_cache  # long enough already: no new buffers, no recompile
 
 
-@pytest.mark.parametrize(
-    "options", [None, dict(backbone="griffin", layers_to_transform=[0, 2]), dict(backbone="cats")]
-)
-def test_decode_step_compiles_as_one_graph(options):
-    """No graph breaks: the condition for capturing the whole step in one CUDA graph on a GPU."""
+@pytest.mark.parametrize("once", [True, False], ids=["layer-once", "unrolled"])
+@pytest.mark.parametrize("case", [*CASES, "cats-kernel"])
+def test_every_mode_compiles_as_one_graph(case, once):
+    """No graph breaks under torch.compile(fullgraph=True), one layer reused or the step unrolled: the condition
+    for capturing the whole step in one CUDA graph, checked here because no GPU runs in CI."""
     torch._dynamo.reset()
+    options, mode = CASES["cats-caprese" if case == "cats-kernel" else case]
+    kernels = {"use_kernels": True} if case == "cats-kernel" else {}  # the Triton op (interpreted) inside the graph
     model = build("qwen3", options)
     ids, mask = random_prompts([7, 3])
-    eager = FastDecoder(model).generate(ids, mask, max_new_tokens=4)
-    compiled = FastDecoder(model, compile=lambda f: torch.compile(f, backend="eager", fullgraph=True))
+    eager = FastDecoder(model, mode=mode, **kernels).generate(ids, mask, max_new_tokens=4)
+    compile = lambda f: torch.compile(f, backend="eager", fullgraph=True)  # noqa: E731
+    compiled = FastDecoder(model, mode=mode, compile=compile, compile_layers_once=once, **kernels)
     assert torch.equal(compiled.generate(ids, mask, max_new_tokens=4), eager)
+
+
+def test_inductor_step_writes_a_long_cache_in_place():
+    """Compiled by inductor (as on a GPU, without CUDA graphs), the step keeps 8K positions of static KV buffers and
+    writes each token into them in place: one step allocates far less than one layer's cache would take to copy."""
+    torch._dynamo.reset()
+    model = build("llama", dict(backbone="cats", layers_to_transform=[1, 3]))  # dense and CATS layers
+    ids, mask = random_prompts([5, 7])
+    want = FastDecoder(model).generate(ids, mask, max_new_tokens=6)
+    decoder = FastDecoder(model, compile="default", max_seq_len=8192)
+    assert torch.equal(decoder.generate(ids, mask, max_new_tokens=6), want)
+    decoder.prefill(ids, mask)
+    tokens = want[:, ids.shape[1]]
+    cache = decoder.lean.layers[0].attn.k_cache
+    tokens = decoder.decode_greedy(tokens)  # the first step after a prefill may still settle guards
+    with torch.profiler.profile(profile_memory=True) as profile:
+        decoder.decode_greedy(tokens)
+    allocated = sum(max(event.cpu_memory_usage, 0) for event in profile.key_averages())
+    assert decoder.lean.layers[0].attn.k_cache is cache and cache.shape[2] == 8192
+    assert allocated < cache.nbytes / 16, (allocated, cache.nbytes)
 
 
 def test_weight_bytes_count_what_a_step_reads():

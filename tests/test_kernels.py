@@ -223,3 +223,17 @@ def test_op_matches_reference_on_gpu_at_model_like_shape(dtype):
     out = cats_ff(x, prepare_cats_weights(*weights), threshold, "silu")  # automatic: CUDA picks the op
     expected = reference(x, weights, threshold, F.silu)
     torch.testing.assert_close(out.float(), expected, rtol=TOLERANCES[dtype], atol=TOLERANCES[dtype])
+
+
+@pytest.mark.slow
+def test_one_llama_8b_layer_size():
+    """The real shapes (D = 4096, F = 14336, r = 256): offsets past 2**31 bits of a neuron index, grids of hundreds of
+    programs, and the ragged last blocks of a GPU run, caught by the interpreter on a CPU first."""
+    hidden, ff, rank = 4096, 14336, 256
+    # fp32: at 14336 neurons no threshold gap separates bf16 and fp32 gates alike; the shapes are the point here
+    x, weights = ff_problem(2, hidden, ff, rank, dtype=torch.float32, device=DEVICE, seed=21)
+    threshold = half_threshold(x, weights[0], F.silu)
+    out = cats_ff(x, prepare_cats_weights(*weights), threshold, "silu", use_kernels=True)
+    expected = reference(x, weights, threshold, F.silu)
+    tol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)

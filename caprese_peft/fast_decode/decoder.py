@@ -47,6 +47,9 @@ class FastDecoder:
     ``max_seq_len`` bounds prompt plus generated tokens (default: what each ``generate`` call needs; the static
     buffers grow when a later call needs more, at the cost of one new compilation or capture).
     ``use_kernels`` is passed to ``caprese_peft.kernels.cats_ff`` for CATS layers.
+    ``compile_layers_once``: compile one decoder layer and reuse its code for every layer of the same structure
+    (``torch.compiler.nested_compile_region``) rather than the whole unrolled step: a third of the compile time on
+    SmolLM2, the same code; False compiles the unrolled step.
 
     The lean step copies the q/k/v and gate/up weights it fuses (and CATS layers' up/down weights), so it holds
     roughly the attention and FF weights once more; build it after the model is on its device and in eval mode.
@@ -61,6 +64,7 @@ class FastDecoder:
         max_seq_len: int | None = None,
         compile: str | Callable | None = None,
         use_kernels: bool | None = None,
+        compile_layers_once: bool = True,
     ) -> None:
         if mode is not None and mode not in MODES:
             raise ValueError(f"mode must be None or one of {MODES}, got {mode!r}.")
@@ -88,6 +92,7 @@ class FastDecoder:
             raise ValueError(f"compile must be None, a callable or one of {COMPILE_MODES}, got {compile!r}.")
         self.compile = compile
         self.use_kernels = use_kernels
+        self.compile_layers_once = compile_layers_once
         self.max_seq_len = max_seq_len
         self.device = device
         self.lean: LeanDecoder | None = None
@@ -136,6 +141,7 @@ class FastDecoder:
         if self.lean is None:
             ffs = [self._feed_forward(i) for i in range(len(self.layers))]
             self.lean = LeanDecoder(self.hf_model, ffs).eval()
+            self.lean.compile_layers_once = self.compile_layers_once
         if (self.lean.batch_size, self.lean.max_seq_len) != (batch, max_seq_len):
             self.lean.allocate(batch, max_seq_len)
             self._step = None  # new buffers: compile or capture again

@@ -151,14 +151,18 @@ class GriffinFF(nn.Module):
 
 
 class CatsFF(nn.Module):
-    """CATS (+ low rank) through ``caprese_peft.kernels.cats_ff``: the Triton op on CUDA where it applies, its reference else.
+    """CATS (+ low rank) through ``caprese_peft.kernels.cats_ff``: the Triton op on CUDA where it applies, its
+    reference elsewhere. An activation the kernel does not know runs ``cats_merged_ff`` (reading every weight).
 
-    An activation the kernel does not know runs ``cats_merged_ff`` in torch (reading every weight).
+    The kernel weights (``CatsFFWeights``, shared with the layer's merged decode) are buffers, so that a compiled
+    step takes them as inputs: one compiled layer then serves every layer.
     """
+
+    WEIGHTS = ("gate", "up", "low_up", "down_t", "low_down")  # CatsFFWeights' fields, in its order
 
     def __init__(self, decoder: Any, low_rank: bool, use_kernels: bool | None) -> None:
         super().__init__()
-        from ..kernels import cats_ff
+        from ..kernels import CatsFFWeights, cats_ff
 
         object.__setattr__(self, "decoder", decoder)  # a CatsDecoder
         self.activation = decoder.activation()
@@ -168,12 +172,16 @@ class CatsFF(nn.Module):
                 f"use_kernels=True, but the CATS kernel knows silu and gelu_tanh and "
                 f"{decoder.layer.base_layer.act_fn!r} is neither."
             )
-        weights = decoder.weights(low_rank)  # shared with the layer's merged decode
-        for tensor in weights.op_args():
-            _static(tensor)
-        object.__setattr__(self, "weights", weights)
+        for name, tensor in zip(self.WEIGHTS, decoder.weights(low_rank).op_args()):
+            self.register_buffer(name, _static(tensor), persistent=False)
         object.__setattr__(self, "_cats_ff", cats_ff)
+        object.__setattr__(self, "_weights_cls", CatsFFWeights)
         self.register_buffer("threshold", None, persistent=False)  # (B,) fp32
+
+    @property
+    def weights(self) -> Any:
+        """The kernel weights, as ``caprese_peft.kernels.CatsFFWeights``."""
+        return self._weights_cls(*(getattr(self, name) for name in self.WEIGHTS))
 
     def load(self) -> None:
         """Take this prompt batch's thresholds from the layer's statistics."""
@@ -192,10 +200,10 @@ class CatsFF(nn.Module):
 
         Nominal: at batch > 1 the kernel reads the rows of neurons any sequence keeps, more than ``density``.
         """
-        w = self.weights
         density = self.decoder.backbone.density if density is None else density
-        row_bytes = (w.up.nbytes + w.down_t.nbytes) / w.intermediate_size  # one neuron's up and down rows
-        return w.gate.nbytes + round(density * w.intermediate_size * row_bytes) + w.low_up.nbytes + w.low_down.nbytes
+        row_bytes = (self.up.nbytes + self.down_t.nbytes) / self.up.shape[0]  # one neuron's up and down rows
+        low_rank = self.low_up.nbytes + self.low_down.nbytes
+        return self.gate.nbytes + round(density * self.up.shape[0] * row_bytes) + low_rank
 
 
 class Attention(nn.Module):
@@ -298,6 +306,8 @@ class LeanDecoder(nn.Module):
         for name in ("cos", "sin", "prompt_visible", "prompt_width", "key_slots"):
             self.register_buffer(name, None, persistent=False)
         self.batch_size = self.max_seq_len = 0
+        # under torch.compile, trace one decoder layer and reuse its code for the others of the same structure
+        self.compile_layers_once = True
 
     def allocate(self, batch: int, max_seq_len: int) -> None:
         """(Re)allocate the static buffers: KV caches, rotary tables and masks for ``batch`` x ``max_seq_len``."""
@@ -343,8 +353,9 @@ class LeanDecoder(nn.Module):
         # a key is visible if it is a real prompt token or a generated token up to this one
         generated = (self.key_slots >= self.prompt_width) & (self.key_slots <= slot)  # (S,)
         visible = (self.prompt_visible | generated)[:, None, None]  # (B, 1, 1, S)
+        run = _layer_compiled_once if self.compile_layers_once else _layer
         for layer in self.layers:
-            h = layer(h, cos, sin, slot, visible)
+            h = run(layer, h, cos, sin, slot, visible)
         return F.linear(rms_norm(h[:, 0], self.norm, self.eps), self.lm_head).float()
 
     def weight_bytes(self) -> int:
@@ -364,13 +375,19 @@ class LeanDecoder(nn.Module):
         (q/k/v, gate/up), GRIFFIN's per-sequence pruned weights, CATS's transposed down weights, rotary tables."""
         skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
         skip |= {t.untyped_storage().data_ptr() for layer in self.layers for t in layer.attn.cache_tensors()}
-        held: dict[int, int] = {}
-        for module in self.modules():
-            weights = getattr(module, "weights", None)  # a CatsFF's kernel weights
-            for tensor in (*module.buffers(recurse=False), *(weights.op_args() if weights is not None else ())):
-                storage = tensor.untyped_storage()
-                held[storage.data_ptr()] = storage.nbytes()
+        held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.buffers()}
         return sum(size for pointer, size in held.items() if pointer not in skip)
+
+
+def _layer(layer: DecoderLayer, h, cos, sin, slot, visible) -> torch.Tensor:
+    return layer(h, cos, sin, slot, visible)
+
+
+# torch.compile compiles the layer once and stamps it out for every layer alike (a third of the compile time of the
+# unrolled step on SmolLM2's 30 layers, the same code and speed); eagerly it is the plain call. Without the API
+# (torch releases before it) the step is compiled unrolled.
+_nested_compile_region = getattr(torch.compiler, "nested_compile_region", None)
+_layer_compiled_once = _layer if _nested_compile_region is None else _nested_compile_region(_layer)
 
 
 def cache_layer(cache: Any, index: int) -> tuple[torch.Tensor, torch.Tensor]:
