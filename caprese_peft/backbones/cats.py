@@ -21,15 +21,17 @@ THRESHOLD_SAMPLE = 8192
 _UNIFORM: dict[torch.device, torch.Tensor] = {}
 
 
-def _uniform(device: torch.device) -> torch.Tensor:
-    """``THRESHOLD_SAMPLE`` fixed draws in [0, 1), fp64, on ``device``: every prompt is sampled the same way."""
+def _uniform(device: torch.device, size: int = 1 << 16) -> torch.Tensor:
+    """Fixed draws in [0, 1), fp64, on ``device`` (samples take a prefix): every prompt is sampled the same way."""
     if device not in _UNIFORM:
         generator = torch.Generator().manual_seed(0)
-        _UNIFORM[device] = torch.rand(THRESHOLD_SAMPLE, generator=generator, dtype=torch.float64).to(device)
+        _UNIFORM[device] = torch.rand(size, generator=generator, dtype=torch.float64).to(device)
     return _UNIFORM[device]
 
 
-def cats_thresholds(gate: torch.Tensor, token_mask: torch.Tensor, density: float) -> torch.Tensor:
+def cats_thresholds(
+    gate: torch.Tensor, token_mask: torch.Tensor, density: float, sample: int | None = THRESHOLD_SAMPLE
+) -> torch.Tensor:
     """Per sequence, the value a ``density`` fraction of the prompt's ``|gate|`` lies above; ``(batch, 1, 1)``.
 
     A prompt with at most ``THRESHOLD_SAMPLE`` gate values gets the exact order statistic: the ``n_drop``-th
@@ -39,17 +41,18 @@ def cats_thresholds(gate: torch.Tensor, token_mask: torch.Tensor, density: float
     an exact selection over every value of a 2048-token prompt costs more than the dense prefill's own work (a
     top-k with k near 15 million, per layer, for Llama-3.1-8B), a sample costs the same at any length. The sample
     is drawn among the row's real tokens only, from fixed draws, so a prompt gets the same threshold alone or in a
-    left-padded batch; its rank error is about ``0.5 / sqrt(THRESHOLD_SAMPLE)`` (0.6% of the neurons).
+    left-padded batch; its rank error is about ``0.5 / sqrt(THRESHOLD_SAMPLE)`` (0.6% of the neurons). ``sample``:
+    another sample size, or None for the exact selection at any length (``benchmarks/calibration.py`` compares them).
     """
     width = gate.shape[-1]
     thresholds = []
     for row_gate, row_mask in zip(gate, token_mask):  # (S, F), (S,): prompt tokens only, padding never counts
         tokens = row_mask.nonzero().squeeze(-1)  # (T,)
         n = tokens.numel() * width
-        if n <= THRESHOLD_SAMPLE:
+        if sample is None or n <= sample:
             values = row_gate[tokens].abs().float().flatten()
         else:
-            picks = (_uniform(gate.device) * n).long()  # (THRESHOLD_SAMPLE,) into the T x F real values
+            picks = (_uniform(gate.device)[:sample] * n).long()  # (sample,) into the T x F real values
             values = row_gate[tokens[picks // width], picks % width].abs().float()
         n_drop = values.numel() - round(density * values.numel())
         if n_drop <= 0:
@@ -141,10 +144,11 @@ class Cats(Backbone):
 
     name = "cats"
     decoder = CatsDecoder
+    threshold_sample: int | None = THRESHOLD_SAMPLE  # gate values a long prompt's threshold comes from; None: all
 
     def calibrate(self, gate: torch.Tensor, z: torch.Tensor, token_mask: torch.Tensor) -> CatsStats:
         check_token_mask(token_mask)
-        return CatsStats(threshold=cats_thresholds(gate, token_mask, self.density))
+        return CatsStats(threshold=cats_thresholds(gate, token_mask, self.density, self.threshold_sample))
 
     def keep_mask(self, gate: torch.Tensor, stats: CatsStats) -> torch.Tensor:
         return gate.abs() > stats.threshold
