@@ -75,6 +75,7 @@ def _distill(args: argparse.Namespace) -> None:
         training = CapreseTrainingArguments(
             output_dir=str(output / "trainer"),
             stage=args.stage,
+            loss=args.loss,
             learning_rate=args.lr,
             num_train_epochs=args.epochs,
             per_device_train_batch_size=args.batch_size,
@@ -100,6 +101,8 @@ def _distill(args: argparse.Namespace) -> None:
 def _training_record(args: argparse.Namespace, summary: dict) -> dict:
     """What the model card says about a distillation run: its stage, settings and result."""
     record = {"stage": args.stage, "init": args.init, "epochs": args.epochs, "learning_rate": args.lr}
+    if args.stage == "e2e":
+        record["loss"] = args.loss
     record.update({"batch_size": args.batch_size * args.grad_accum, "max_length": args.max_length, **summary})
     return {k: v for k, v in record.items() if v is not None}
 
@@ -336,6 +339,9 @@ def main(argv: list[str] | None = None) -> None:
     distill.add_argument("--stage", default="layerwise", choices=["layerwise", "closed-form", "e2e"])
     distill.add_argument("--model", default="smollm2")
     distill.add_argument("--init", help="start from this adapter (e.g. the layer-wise result for 'e2e')")
+    distill.add_argument(
+        "--loss", default="mse", choices=["mse", "kl"], help="end-to-end loss: last hidden state MSE or next-token KL"
+    )
     distill.add_argument("--backbone", default="cats")
     distill.add_argument("--density", type=float, default=0.5)
     distill.add_argument("--rank", type=int, default=256)

@@ -82,6 +82,7 @@ class GenerationState:
         self._window: list[torch.Tensor] = []  # (batch, 1) ids decoded sparse since the last prefill or reselection
         # inside generate: None before its first forward, then the prompt mask (batch, P) of its prefill
         self._generating: list[torch.Tensor | None] = []
+        self._continuing = False  # several tokens on a filled cache run sparse (distillation; see `continuation`)
 
     def attach(self, model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
         """Install the hook that sets ``step`` before each forward of ``model``.
@@ -120,6 +121,12 @@ class GenerationState:
             elif torch.is_grad_enabled() and self.trains_factors():
                 warnings.warn(PREFILL_TRAINS_NOTHING, stacklevel=2)
             return
+        if self._continuing:
+            if batch != self.batch_size:
+                raise ValueError(f"A continuation of batch size {batch} follows a prompt batch of {self.batch_size}.")
+            self.step = Step(Phase.DECODE, torch.ones(batch, seq, dtype=torch.bool, device=device),
+                             generation=self.generation)  # fmt: skip
+            return None
         if seq != 1:
             raise NotImplementedError(
                 f"Caprese decodes one generated token per forward, but got {seq} new tokens on top of a KV cache of "
@@ -286,6 +293,23 @@ def teacher_forcing(
     prompt_mask, sparse_mask = _split_masks(prompt_mask, attention_mask)
     with find_state(model).forced(Phase.TEACHER_FORCED, prompt_mask, sparse_mask):
         yield
+
+
+@contextmanager
+def continuation(model: nn.Module) -> Iterator[None]:
+    """Let forwards of ``model`` feed several tokens on top of a filled KV cache, all run sparse.
+
+    After a prefill of the prompts (which calibrates the backbone), one forward over the continuation tokens with
+    the prefill's cache computes what generating them one by one computes, teacher-forced: the sparse block plus
+    ``x @ L @ R`` on every new token, with the prompt's statistics. Distillation runs the prompt without a graph
+    this way and backpropagates through the continuation only. Reselection does not apply.
+    """
+    state = find_state(model)
+    previous, state._continuing = state._continuing, True
+    try:
+        yield
+    finally:
+        state._continuing = previous
 
 
 @contextmanager

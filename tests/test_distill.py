@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import TrainingArguments
 
 from caprese_peft import CapreseConfig, layerwise_losses, teacher_forcing
+from caprese_peft.data import split_prompt_continuation
 from caprese_peft.distill import (
     CapreseDataCollator,
     CapreseTrainer,
@@ -22,6 +24,8 @@ from caprese_peft.distill import (
     prepare_dataset,
 )
 from caprese_peft.distill.closed_form import collect_moments, fit_closed_form, reduced_rank_solution, set_closed_form
+from caprese_peft.distill.losses import next_token_kl
+from caprese_peft.distill.trainer import output_logits
 from caprese_peft.layer import named_caprese_layers
 
 from conftest import VOCAB, greedy, tiny_model, tiny_tokenizer, wrap
@@ -75,6 +79,39 @@ def tokenizer():
 
 
 # ---- losses, alone ----
+
+
+def test_next_token_kl_in_chunks_equals_the_full_computation():
+    gen = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(12, 40, bias=False)
+    student = torch.randn(2, 7, 12, generator=gen, requires_grad=True)
+    teacher = torch.randn(2, 7, 12, generator=gen)
+    mask = torch.rand(2, 7, generator=gen) > 0.3
+    got = next_token_kl(student, teacher, head, mask, chunk_tokens=3)  # chunks that do not divide the tokens
+    got.backward()
+    got_grad = student.grad.clone()
+    student.grad = None
+    p, q = head(teacher[mask]).log_softmax(-1), head(student[mask]).log_softmax(-1)
+    want = (p.exp() * (p - q)).sum(-1).mean()
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_grad, student.grad, rtol=1e-5, atol=1e-7)
+    assert float(next_token_kl(teacher, teacher, head, mask)) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="selects no token"):
+        next_token_kl(student, teacher, head, torch.zeros_like(mask))
+
+
+def test_split_prompt_continuation_lays_out_as_generation():
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [4, 5, 6, 7, 8, 9]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    prompt = torch.tensor([[0, 0, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    split = split_prompt_continuation(ids, mask, prompt)
+    assert split.prompt_ids.tolist() == [[0, 0, 5], [4, 5, 6]] and split.prompt_mask.tolist() == [[0, 0, 1], [1, 1, 1]]
+    assert split.continuation_ids.tolist() == [[6, 7, 8], [7, 8, 9]]
+    assert split.continuation_positions.tolist() == [[1, 2, 3], [3, 4, 5]]
+    short = split_prompt_continuation(ids, mask, torch.tensor([[0, 0, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0]]))
+    assert short.continuation_ids.tolist() == [[8, 0, 0, 0], [6, 7, 8, 9]]  # right-padded
+    assert short.continuation_mask.tolist() == [[1, 0, 0, 0], [1, 1, 1, 1]]
 
 
 def test_layerwise_loss_is_the_sum():
@@ -395,6 +432,37 @@ def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path):
     )
     want, got = factors(full), factors(resumed)
     assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+@pytest.mark.parametrize("loss", ["mse", "kl"])
+def test_the_prompt_runs_once_without_a_graph_and_gives_the_single_pass_loss(loss, tmp_path):
+    """The end-to-end step prefills the prompts without a graph and continues from their cache: the loss and the
+    gradients of L and R equal those of one teacher-forced pass over prompt and continuation."""
+    peft_model = student("qwen2")
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "caprese_R" in name:
+                p.normal_(0.0, 0.05)
+    trainer = CapreseTrainer(peft_model, training_args(tmp_path, stage="e2e", loss=loss), train_dataset=id_records(4))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    results = []
+    for states in (trainer._continuation_states, trainer._teacher_forced_states):
+        student_hidden, teacher, mask, _ = states(peft_model, peft_model, batch)
+        if loss == "kl":
+            value = next_token_kl(student_hidden, teacher, partial(output_logits, peft_model), mask)
+        else:
+            value = hidden_state_mse(student_hidden, teacher, mask)
+        peft_model.zero_grad()
+        value.backward()
+        results.append(
+            (value.detach(), {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None})
+        )
+    (split, split_grads), (single, single_grads) = results
+    torch.testing.assert_close(split, single, rtol=1e-5, atol=1e-7)
+    assert split_grads.keys() == single_grads.keys() and split_grads
+    for name in split_grads:
+        torch.testing.assert_close(split_grads[name], single_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+    assert trainer.compute_loss(peft_model, batch).item() == pytest.approx(split.item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("stage", ["layerwise", "e2e"])

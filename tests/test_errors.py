@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from transformers import DynamicCache
 
+import caprese_peft
 from caprese_peft import CapreseConfig, CapreseLayer
 
 from conftest import random_prompts, tiny_model
@@ -111,3 +114,20 @@ def test_teacher_forcing_masks_must_fit():
         model(input_ids=ids)
     with pytest.raises(ValueError, match="no Caprese adapter"), teacher_forcing(tiny_model("llama"), torch.ones(1, 6)):
         pass
+
+
+def test_several_tokens_on_a_filled_cache_run_sparse_only_inside_continuation():
+    from caprese_peft.state import continuation
+
+    model = get_peft_model(tiny_model("llama"), CapreseConfig(r=4, init_weights=False))
+    ids = torch.randint(3, 90, (2, 9))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids[:, :5], cache=cache, use_cache=True)
+        with pytest.raises(NotImplementedError, match="one generated token per forward"):
+            model(input_ids=ids[:, 5:], cache=copy.deepcopy(cache), use_cache=True)
+        with continuation(model):
+            continued = model(input_ids=ids[:, 5:], cache=cache, use_cache=True).logits
+        with caprese_peft.teacher_forcing(model, torch.arange(9).expand(2, 9) < 5):
+            forced = model(input_ids=ids).logits[:, 5:]
+    torch.testing.assert_close(continued, forced, rtol=1e-4, atol=1e-5)  # the tokens after the prompt ran sparse

@@ -8,11 +8,13 @@ Below both ``caprese_peft.distill`` and ``caprese_peft.eval``, which import from
 from .features import (
     FEATURE_FIELDS,
     CapreseDataCollator,
+    SplitBatch,
     check_features,
     features_from_record,
     load_prompt_completion,
     position_ids_from,
     prepare_dataset,
+    split_prompt_continuation,
 )
 from .generation import batches, generate_responses, greedy_generations, split_responses
 from .problems import ANSWER_FIELDS, QUESTION_FIELDS, SPLITS, load_eval_problems, load_problems, read_records
@@ -25,6 +27,7 @@ __all__ = [
     "QUESTION_FIELDS",
     "SPLITS",
     "CapreseDataCollator",
+    "SplitBatch",
     "batches",
     "chat_inputs",
     "check_features",
@@ -37,6 +40,7 @@ __all__ = [
     "position_ids_from",
     "prepare_dataset",
     "read_records",
+    "split_prompt_continuation",
     "split_responses",
     "user_message",
 ]

@@ -15,7 +15,7 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -261,6 +261,50 @@ def load_prompt_completion(
 def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only, as ``generate`` counts them for left-padded prompts."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+class SplitBatch(NamedTuple):
+    """A batch laid out as generation lays it out: left-padded prompts, then right-padded continuations."""
+
+    prompt_ids: torch.Tensor  # (B, P)
+    prompt_mask: torch.Tensor  # (B, P) long, 1 on real prompt tokens
+    continuation_ids: torch.Tensor  # (B, C)
+    continuation_mask: torch.Tensor  # (B, C) long, 1 on real continuation tokens
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """``(B, P + C)``: the mask of prompt and continuation together."""
+        return torch.cat([self.prompt_mask, self.continuation_mask], dim=1)
+
+    @property
+    def continuation_positions(self) -> torch.Tensor:
+        """``(B, C)`` position ids of the continuation tokens: after each row's real prompt tokens."""
+        return position_ids_from(self.attention_mask)[:, self.prompt_ids.shape[1] :]
+
+
+def split_prompt_continuation(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_mask: torch.Tensor, pad_token_id: int = 0
+) -> SplitBatch:
+    """Re-lay a batch of ``(B, S)`` sequences (any padding) as ``SplitBatch``: each row's prompt tokens left-padded
+    to the longest prompt, its other real tokens right-padded to the longest continuation.
+
+    A prompt can then run once, as a prefill into a KV cache, and the continuations on top of it, as in generation.
+    """
+    prompt_mask, real = prompt_mask.bool(), attention_mask.bool()
+    continuation = real & ~prompt_mask
+    n_prompt, n_continuation = prompt_mask.sum(1), continuation.sum(1)  # (B,)
+    width_p, width_c = int(n_prompt.max()), int(n_continuation.max())
+    batch = input_ids.shape[0]
+    device = input_ids.device
+    columns_p = torch.arange(width_p, device=device)
+    columns_c = torch.arange(width_c, device=device)
+    prompt_real = columns_p >= (width_p - n_prompt)[:, None]  # (B, P): left padding
+    continuation_real = columns_c < n_continuation[:, None]  # (B, C): right padding
+    prompt_ids = torch.full((batch, width_p), pad_token_id, dtype=input_ids.dtype, device=device)
+    continuation_ids = torch.full((batch, width_c), pad_token_id, dtype=input_ids.dtype, device=device)
+    prompt_ids[prompt_real] = input_ids[prompt_mask]  # row-major order keeps each row's tokens in order
+    continuation_ids[continuation_real] = input_ids[continuation]
+    return SplitBatch(prompt_ids, prompt_real.long(), continuation_ids, continuation_real.long())
 
 
 @dataclass

@@ -3,11 +3,12 @@ collects equation 7 from every layer in one dense forward pass."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..layer import Observation
 from ..state import observing
@@ -84,3 +85,45 @@ def hidden_state_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
     # select rather than multiply: padded positions may hold non-finite values that must not leak in
     diff = student_hidden[mask].float() - teacher_hidden[mask].detach().float()  # (tokens, hidden)
     return diff.square().mean()
+
+
+def _kl_sum(
+    student: torch.Tensor, teacher: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    student_logp = head(student).float().log_softmax(dim=-1)  # (n, V)
+    with torch.no_grad():
+        teacher_logp = head(teacher).float().log_softmax(dim=-1)
+    return (teacher_logp.exp() * (teacher_logp - student_logp)).sum()
+
+
+def next_token_kl(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    mask: torch.Tensor,
+    chunk_tokens: int = 128,
+) -> torch.Tensor:
+    """Mean KL(teacher || student) of the next-token distributions at the tokens where ``mask`` is True.
+
+    ``head`` maps final hidden states to logits (the LM head, with any soft-capping). Logits are computed
+    ``chunk_tokens`` positions at a time, and recomputed in the backward pass (activation checkpointing), so no more
+    than ``chunk_tokens x vocabulary`` of them exist at once, forward or backward.
+
+    Args:
+        student_hidden, teacher_hidden: ``(batch, seq, hidden)``; the teacher gets no gradient.
+        mask: ``(batch, seq)`` bool, True on the continuation tokens to score.
+    """
+    if student_hidden.shape != teacher_hidden.shape or mask.shape != student_hidden.shape[:-1]:
+        raise ValueError(
+            f"Hidden states {tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)} and mask "
+            f"{tuple(mask.shape)} must agree on (batch, seq)."
+        )
+    mask = mask.bool()
+    if not bool(mask.any()):
+        raise ValueError("mask selects no token: the batch has no continuation token to score.")
+    student, teacher = student_hidden[mask], teacher_hidden[mask].detach()  # (n, hidden)
+    total = student.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(student), chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        total = total + checkpoint(_kl_sum, student[part], teacher[part], head, use_reentrant=False)
+    return total / len(student)

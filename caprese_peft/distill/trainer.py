@@ -9,19 +9,28 @@ its adapter disabled: no second copy. Only the factors L and R train.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import DynamicCache, Trainer, TrainingArguments
 
-from ..data.features import FEATURE_FIELDS, CapreseDataCollator, position_ids_from, prepare_dataset
+from ..data.features import (
+    FEATURE_FIELDS,
+    CapreseDataCollator,
+    position_ids_from,
+    prepare_dataset,
+    split_prompt_continuation,
+)
 from ..layer import caprese_layers
-from ..state import find_state, teacher_forcing
-from .losses import hidden_state_mse, layerwise_loss, layerwise_losses
+from ..state import cache_argument, continuation, find_state, teacher_forcing
+from .losses import hidden_state_mse, layerwise_loss, layerwise_losses, next_token_kl
 
 STAGES = ("layerwise", "e2e")
+LOSSES = ("mse", "kl")
 # Table 6 of the paper; the E2E learning rate varies in [4e-6, 2e-4] with model size (larger models, smaller rates)
 DEFAULT_LEARNING_RATE = {"layerwise": 1e-3, "e2e": 2e-5}
 DEFAULT_EPOCHS = {"layerwise": 20.0, "e2e": 3.0}
@@ -43,6 +52,15 @@ class CapreseTrainingArguments(TrainingArguments):
                 "'layerwise': each Caprese layer learns FF(x) - FF_sparse(x) on the original model's inputs "
                 "(equation 7, all layers in parallel). 'e2e': the last hidden state of the model with Caprese layers "
                 "learns that of the original model (equation 8), usually starting from layer-wise factors."
+            )
+        },
+    )
+    loss: str = field(
+        default="mse",
+        metadata={
+            "help": (
+                "End-to-end loss on the continuation tokens: 'mse' (equation 8: the last hidden state of the original "
+                "model) or 'kl' (KL(dense || student) of the next-token distributions, computed in chunks)."
             )
         },
     )
@@ -78,6 +96,8 @@ class CapreseTrainingArguments(TrainingArguments):
             self.stage = self.stage.lower()
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {list(STAGES)}, got {self.stage!r}.")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {list(LOSSES)}, got {self.loss!r}.")
         if self.learning_rate is None:
             self.learning_rate = DEFAULT_LEARNING_RATE[self.stage]
         if self.num_train_epochs is None:
@@ -114,6 +134,13 @@ def check_caprese_model(model: nn.Module) -> None:
             "The Caprese factors L and R do not require gradients; load a saved adapter with "
             "PeftModel.from_pretrained(base, path, is_trainable=True) to train it further."
         )
+
+
+def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits ``model`` computes from final hidden states: its LM head, then any final soft-capping (Gemma 2)."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 class CapreseTrainer(Trainer):
@@ -189,25 +216,78 @@ class CapreseTrainer(Trainer):
             )
         peft_model = self.accelerator.unwrap_model(model)
         attention_mask, prompt_mask = inputs["attention_mask"], inputs["prompt_mask"].bool()
+        if self.args.stage == "layerwise":
+            forward = {
+                "input_ids": inputs["input_ids"],
+                "attention_mask": attention_mask,
+                "position_ids": position_ids_from(attention_mask),
+                "use_cache": False,
+                "logits_to_keep": 1,  # the loss reads hidden states; skip the vocabulary projection
+            }
+            with layerwise_losses(peft_model, prompt_mask, attention_mask) as losses:
+                outputs = model(**forward)
+            loss = layerwise_loss(losses)
+            return (loss, outputs) if return_outputs else loss
+        base = peft_model.get_base_model()
+        if getattr(base, "is_activation_checkpointing", False) and base.training:
+            # transformers drops the KV cache of a checkpointed model in training: one teacher-forced pass instead
+            student, teacher, mask, outputs = self._teacher_forced_states(model, peft_model, inputs)
+        else:
+            student, teacher, mask, outputs = self._continuation_states(model, peft_model, inputs)
+        if self.args.loss == "kl":
+            loss = next_token_kl(student, teacher, partial(output_logits, peft_model), mask)
+        else:
+            loss = hidden_state_mse(student, teacher, mask)
+        return (loss, outputs) if return_outputs else loss
+
+    def _teacher_forced_states(self, model: nn.Module, peft_model: nn.Module, inputs: dict[str, torch.Tensor]):
+        """``_continuation_states`` in one pass over prompt and continuation (the same values, more work)."""
+        attention_mask, prompt_mask = inputs["attention_mask"], inputs["prompt_mask"].bool()
         forward = {
             "input_ids": inputs["input_ids"],
             "attention_mask": attention_mask,
             "position_ids": position_ids_from(attention_mask),
             "use_cache": False,
-            "logits_to_keep": 1,  # the losses read hidden states; skip the vocabulary projection
+            "output_hidden_states": True,
+            "logits_to_keep": 1,
         }
-        if self.args.stage == "layerwise":
-            with layerwise_losses(peft_model, prompt_mask, attention_mask) as losses:
-                outputs = model(**forward)
-            loss = layerwise_loss(losses)
-        else:
-            with torch.no_grad(), peft_model.disable_adapter():
-                teacher = model(**forward, output_hidden_states=True).hidden_states[-1]  # (B, S, D)
-            with teacher_forcing(peft_model, prompt_mask, attention_mask):
-                outputs = model(**forward, output_hidden_states=True)
-            continuation = attention_mask.bool() & ~prompt_mask
-            loss = hidden_state_mse(outputs.hidden_states[-1], teacher, continuation)
-        return (loss, outputs) if return_outputs else loss
+        with torch.no_grad(), peft_model.disable_adapter():
+            teacher = model(**forward).hidden_states[-1]  # (B, S, D)
+        with teacher_forcing(peft_model, prompt_mask, attention_mask):
+            outputs = model(**forward)
+        return outputs.hidden_states[-1], teacher, attention_mask.bool() & ~prompt_mask, outputs
+
+    def _continuation_states(self, model: nn.Module, peft_model: nn.Module, inputs: dict[str, torch.Tensor]):
+        """Last hidden states of the continuation tokens, student and teacher, as generation computes them.
+
+        The prompts run once, as a dense prefill without a graph (no L or R acts on them): it fills the KV cache and
+        calibrates the backbone. The original model (the adapter disabled) and then the student continue from that
+        cache over the continuation tokens; only the student's pass builds a graph.
+        """
+        split = split_prompt_continuation(inputs["input_ids"], inputs["attention_mask"], inputs["prompt_mask"])
+        width = split.prompt_ids.shape[1]
+        positions = position_ids_from(split.attention_mask)
+        cache = DynamicCache(config=peft_model.config)
+        continue_from = {
+            "input_ids": split.continuation_ids,
+            "attention_mask": split.attention_mask,
+            "position_ids": positions[:, width:],
+            "use_cache": True,
+            "output_hidden_states": True,
+            "logits_to_keep": 1,  # the losses read hidden states; skip the vocabulary projection
+            cache_argument(peft_model): cache,
+        }
+        name = cache_argument(peft_model)
+        with torch.no_grad():
+            prompt = {"attention_mask": split.prompt_mask, "position_ids": positions[:, :width], name: cache}
+            model(input_ids=split.prompt_ids, use_cache=True, logits_to_keep=1, **prompt)
+            # a copy for the teacher: sliding-window layers cannot crop their entries back to the prompt's
+            teacher_from = {**continue_from, name: copy.deepcopy(cache)}
+            with peft_model.disable_adapter(), continuation(peft_model):
+                teacher = model(**teacher_from).hidden_states[-1]  # (B, C, D)
+        with continuation(peft_model):
+            outputs = model(**continue_from)
+        return outputs.hidden_states[-1], teacher, split.continuation_mask.bool(), outputs
 
     def prediction_step(
         self,

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..data.features import CapreseDataCollator, position_ids_from
+from ..data.features import CapreseDataCollator, position_ids_from, split_prompt_continuation
 from ..data.generation import batches
 from ..state import cache_argument, teacher_forcing
 
@@ -97,29 +96,6 @@ def continuation_kl(
     }
 
 
-def _split_layout(
-    batch: Sequence[Any], pad_token_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded prompts ``(B, P)`` and right-padded continuations ``(B, C)``, ids and masks, as generation lays them out."""
-    prompts, continuations = [], []
-    for record in batch:
-        ids = list(record["input_ids"])
-        n_prompt = int(sum(bool(m) for m in record["prompt_mask"]))
-        prompts.append(ids[:n_prompt])
-        continuations.append(ids[n_prompt:])
-    width_p, width_c = max(map(len, prompts)), max(map(len, continuations))
-    prompt_ids = torch.full((len(batch), width_p), pad_token_id, dtype=torch.long)
-    prompt_mask = torch.zeros_like(prompt_ids)
-    cont_ids = torch.full((len(batch), width_c), pad_token_id, dtype=torch.long)
-    cont_mask = torch.zeros_like(cont_ids)
-    for row, (prompt, continuation) in enumerate(zip(prompts, continuations)):
-        prompt_ids[row, width_p - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        prompt_mask[row, width_p - len(prompt) :] = 1
-        cont_ids[row, : len(continuation)] = torch.tensor(continuation, dtype=torch.long)
-        cont_mask[row, : len(continuation)] = 1
-    return prompt_ids, prompt_mask, cont_ids, cont_mask
-
-
 @torch.no_grad()
 def stepwise_continuation_kl(
     model: nn.Module, dataset: Any, batch_size: int = 16, progress: bool = True
@@ -136,10 +112,13 @@ def stepwise_continuation_kl(
     from .metrics import token_kl
 
     cache_name = cache_argument(model)
+    collate = CapreseDataCollator(pad_token_id=0)
     records = [dataset[i] for i in range(len(dataset))]
     kl_sum, tokens = 0.0, 0
     for batch in tqdm(list(batches(records, batch_size)), desc="Stepwise KL", disable=not progress):
-        prompt_ids, prompt_mask, cont_ids, cont_mask = (t.to(model.device) for t in _split_layout(batch, 0))
+        inputs = {k: v.to(model.device) for k, v in collate(batch).items()}
+        split = split_prompt_continuation(inputs["input_ids"], inputs["attention_mask"], inputs["prompt_mask"])
+        prompt_ids, prompt_mask, cont_ids, cont_mask = split
         ids, mask = torch.cat([prompt_ids, cont_ids], dim=1), torch.cat([prompt_mask, cont_mask], dim=1)
         positions = position_ids_from(mask)
         width_p = prompt_ids.shape[1]
