@@ -18,6 +18,13 @@ class ParameterReport:
     adapter: int  # parameters Caprese adds (L and R of the active adapter)
     ff_total: int  # weights of the wrapped FF blocks
     ff_skipped: int  # FF weights a generated token skips
+    stand_in: int = 0  # quantized weights a generated token reads for the dropped neurons (stand_in_bits)
+    stand_in_bits: int | None = None
+
+    def bytes_per_token(self, bytes_per_parameter: float) -> float:
+        """Weight bytes a generated token reads: the active parameters at ``bytes_per_parameter`` (4 for fp32, 2 for
+        bf16), the stand-in's quantized weights at their bits (their per-row scales are negligible)."""
+        return self.active_per_token * bytes_per_parameter + self.stand_in * (self.stand_in_bits or 0) / 8
 
     @property
     def active_fraction(self) -> float:
@@ -32,6 +39,7 @@ class ParameterReport:
             f"total {self.total:,} | active per generated token {self.active_per_token:,} "
             f"({self.active_fraction:.1%}; {self.total - self.active_per_token:,} fewer) | "
             f"adapter adds {self.adapter:,} ({self.adapter_fraction:.2%})"
+            + (f" | stand-in reads {self.stand_in:,} weights at {self.stand_in_bits} bits" if self.stand_in else "")
         )
 
 
@@ -40,7 +48,7 @@ def parameter_report(model: nn.Module) -> ParameterReport:
 
     The per-token count is the backbone's nominal one: GRIFFIN keeps ``round(density * d_ff)``
     neurons of gate, up and down; CATS runs the whole gate projection and on average a ``density``
-    fraction of up and down.
+    fraction of up and down. A stand-in (``stand_in_bits``) reads the skipped weights again, quantized.
     """
     layers = caprese_layers(model)
     adapter_ids = {
@@ -51,7 +59,8 @@ def parameter_report(model: nn.Module) -> ParameterReport:
     }
     total = sum(p.numel() for p in model.parameters() if id(p) not in adapter_ids)
 
-    adapter = ff_total = ff_skipped = 0
+    adapter = ff_total = ff_skipped = stand_in = 0
+    bits = set()
     for layer in layers:
         ff = 3 * layer.hidden_size * layer.intermediate_size
         ff_total += ff
@@ -61,10 +70,15 @@ def parameter_report(model: nn.Module) -> ParameterReport:
         active = layer.caprese_backbone[name].active_ff_weights(layer.hidden_size, layer.intermediate_size)
         ff_skipped += round(ff - active)
         adapter += layer.caprese_L[name].numel() + layer.caprese_R[name].numel()
+        if layer.caprese_stand_in.get(name):
+            stand_in += round(ff - active)
+            bits.add(layer.caprese_stand_in[name])
     return ParameterReport(
         total=total,
         active_per_token=total - ff_skipped + adapter,
         adapter=adapter,
         ff_total=ff_total,
         ff_skipped=ff_skipped,
+        stand_in=stand_in,
+        stand_in_bits=max(bits) if bits else None,
     )

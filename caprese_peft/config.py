@@ -104,6 +104,18 @@ class CapreseConfig(PeftConfig):
             )
         },
     )
+    stand_in_bits: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "The neurons the backbone drops still contribute, computed from a copy of their weights quantized to "
+                "this many bits per weight (row by row, symmetric): CATS reads the up and down rows of its dropped "
+                "neurons at this precision (their gate activations it computes anyway), GRIFFIN the gate, up and down "
+                "rows of its pruned ones. The copy is made from the base weights when the adapter is created or "
+                "loaded, never saved. None: the sparse block plus x @ L @ R alone (the paper)."
+            )
+        },
+    )
     hidden_size: int | None = field(
         default=None,
         metadata={"help": "Hidden size of the base model; filled in when the adapter is created, checked on load."},
@@ -145,6 +157,12 @@ class CapreseConfig(PeftConfig):
                     f"reselect_every is not available with the {self.backbone!r} backbone; backbones that support "
                     f"reselection: {reselection_backbones()}."
                 )
+        if self.stand_in_bits is not None and (
+            isinstance(self.stand_in_bits, bool)
+            or not isinstance(self.stand_in_bits, int)
+            or not 2 <= self.stand_in_bits <= 8
+        ):
+            raise ValueError(f"stand_in_bits must be an integer in [2, 8] or None, got {self.stand_in_bits!r}.")
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.layers_to_transform, int):

@@ -11,6 +11,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .backbones import DECODE_IMPLS, Backbone, SparseDecoder, get_backbone
+from .sparse_ff import quantize_rows
 from .state import GenerationState, Phase, Step
 
 GATED_MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
@@ -50,16 +51,16 @@ class Observation:
     layer: CapreseLayer
     adapter: str
     x: torch.Tensor  # (B, S, D)
+    gate: torch.Tensor  # (B, S, F)
     z: torch.Tensor  # (B, S, F)
     keep: torch.Tensor  # bool, broadcastable to z
     dense: torch.Tensor  # (B, S, D)
     tokens: torch.Tensor  # (B, S) bool
 
     def sparse(self, low_rank: bool = True) -> torch.Tensor:
-        """The sparse block's output on the same inputs, plus ``x @ L @ R`` unless ``low_rank=False``."""
-        if low_rank:
-            return self.layer.sparse_ff(self.x, self.z, self.keep, self.adapter)
-        return self.layer.base_layer.down_proj(self.z * self.keep)
+        """The sparse block's output on the same inputs (with the adapter's stand-in of dropped neurons, if any),
+        plus ``x @ L @ R`` unless ``low_rank=False``."""
+        return self.layer.sparse_ff(self.x, self.gate, self.z, self.keep, self.adapter, low_rank=low_rank)
 
 
 class CapreseLayer(nn.Module, BaseTunerLayer):
@@ -72,7 +73,8 @@ class CapreseLayer(nn.Module, BaseTunerLayer):
     """
 
     adapter_layer_names = ("caprese_L", "caprese_R")
-    other_param_names = ("caprese_backbone", "caprese_decoder")
+    other_param_names = ("caprese_backbone", "caprese_decoder", "caprese_stand_in")
+    _stand_in_cache: dict | None = None  # bits -> (key, quantized weights): derived from the base weights, never saved
     # how generated tokens are computed (one of DECODE_IMPLS), and whether the CATS kernel may run (None: where it
     # applies); class defaults that caprese_peft.set_decode_impl overrides per layer
     decode_impl: str = "auto"
@@ -88,6 +90,7 @@ class CapreseLayer(nn.Module, BaseTunerLayer):
         density: float,
         init_weights: bool,
         state: GenerationState,
+        stand_in_bits: int | None = None,
     ) -> None:
         super().__init__()
         problem = gated_mlp_problem(base_layer)
@@ -98,6 +101,7 @@ class CapreseLayer(nn.Module, BaseTunerLayer):
         self.caprese_R = nn.ParameterDict()
         self.caprese_backbone: dict[str, Backbone] = {}
         self.caprese_decoder: dict[str, SparseDecoder] = {}
+        self.caprese_stand_in: dict[str, int | None] = {}
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
         # plain attributes, not buffers: per-prompt statistics must never reach a state dict
@@ -106,10 +110,26 @@ class CapreseLayer(nn.Module, BaseTunerLayer):
         self._stats_key: tuple[int, str] | None = None  # (prefill number, adapter) the statistics belong to
         self.hidden_size = base_layer.gate_proj.in_features
         self.intermediate_size = base_layer.gate_proj.out_features
-        self.update_layer(adapter_name, r=r, backbone=backbone, density=density, init_weights=init_weights)
+        self.update_layer(
+            adapter_name,
+            r=r,
+            backbone=backbone,
+            density=density,
+            init_weights=init_weights,
+            stand_in_bits=stand_in_bits,
+        )
 
-    def update_layer(self, adapter_name: str, *, r: int, backbone: str, density: float, init_weights: bool) -> None:
-        """Add (or replace) the low-rank factors and backbone of ``adapter_name``."""
+    def update_layer(
+        self,
+        adapter_name: str,
+        *,
+        r: int,
+        backbone: str,
+        density: float,
+        init_weights: bool,
+        stand_in_bits: int | None = None,
+    ) -> None:
+        """Add (or replace) the low-rank factors, backbone and stand-in of ``adapter_name``."""
         if r > self.hidden_size:
             raise ValueError(f"r={r} exceeds the hidden size {self.hidden_size}; choose 1 <= r <= {self.hidden_size}.")
         weight = self.base_layer.gate_proj.weight
@@ -125,6 +145,8 @@ class CapreseLayer(nn.Module, BaseTunerLayer):
         backbone_cls = get_backbone(backbone)
         self.caprese_backbone[adapter_name] = backbone_cls(density)
         self.caprese_decoder[adapter_name] = backbone_cls.decoder(self, adapter_name)
+        self.caprese_stand_in[adapter_name] = stand_in_bits
+        self._stand_in_cache = None
         self.set_adapter(self.active_adapters)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -175,7 +197,7 @@ class CapreseLayer(nn.Module, BaseTunerLayer):
             self._stats = backbone.update(self.statistics(step, adapter), gate, z, step.token_mask)
         elif step.phase is Phase.OBSERVED:
             keep = backbone.keep_mask(gate, backbone.calibrate(gate, z, step.token_mask))
-            step.observe(Observation(self, adapter, x, z, keep, dense, step.sparse_mask))
+            step.observe(Observation(self, adapter, x, gate, z, keep, dense, step.sparse_mask))
         return dense
 
     def _teacher_forced(
@@ -185,7 +207,10 @@ class CapreseLayer(nn.Module, BaseTunerLayer):
         backbone = self.caprese_backbone[adapter]
         sparse = step.sparse_mask.unsqueeze(-1)  # (B, S, 1)
         keep = backbone.keep_mask(gate, backbone.calibrate(gate, z, step.token_mask)) | ~sparse
-        return self.base_layer.down_proj(z * keep) + self.low_rank(x, adapter) * sparse
+        correction = self.low_rank(x, adapter) * sparse
+        if self.caprese_stand_in.get(adapter):  # ~keep: the dropped neurons of the sparse tokens only
+            correction = correction + self.stand_in(x, gate, ~keep, adapter)
+        return self.base_layer.down_proj(z * keep) + correction
 
     # ---- the formulas every path shares ----
 
@@ -200,9 +225,56 @@ class CapreseLayer(nn.Module, BaseTunerLayer):
         """The correction ``x @ L @ R`` of ``adapter_name``."""
         return (x @ self.caprese_L[adapter_name]) @ self.caprese_R[adapter_name]
 
-    def sparse_ff(self, x: torch.Tensor, z: torch.Tensor, keep: torch.Tensor, adapter: str) -> torch.Tensor:
-        """``down(z * keep) + x @ L @ R``: the sparse block plus the correction, the reference of every decode path."""
-        return self.base_layer.down_proj(z * keep) + self.low_rank(x, adapter)
+    def sparse_ff(
+        self,
+        x: torch.Tensor,
+        gate: torch.Tensor,
+        z: torch.Tensor,
+        keep: torch.Tensor,
+        adapter: str,
+        low_rank: bool = True,
+    ) -> torch.Tensor:
+        """``down(z * keep) + x @ L @ R`` (the latter unless ``low_rank=False``), plus the stand-in of the dropped
+        neurons when the adapter has one: the reference of every decode path."""
+        out = self.base_layer.down_proj(z * keep)
+        if low_rank:
+            out = out + self.low_rank(x, adapter)
+        if self.caprese_stand_in.get(adapter):
+            out = out + self.stand_in(x, gate, ~keep, adapter)
+        return out
+
+    def stand_in(self, x: torch.Tensor, gate: torch.Tensor, dropped: torch.Tensor, adapter: str) -> torch.Tensor:
+        """The dropped neurons' contribution from their quantized weights (``CapreseConfig.stand_in_bits``).
+
+        A backbone that computes every gate activation anyway (CATS) uses them as they are; one that skips the
+        dropped neurons' gates (GRIFFIN) takes them from the quantized gate weights too. ``dropped`` is a bool mask
+        broadcastable to ``(B, S, F)``.
+        """
+        exact_gates = self.caprese_backbone[adapter].reads_every_gate
+        gate_q, up_q, down_q = self.stand_in_weights(self.caprese_stand_in[adapter], with_gate=not exact_gates)
+        if not exact_gates:
+            gate = self.base_layer.act_fn(x @ gate_q.t())
+        return ((gate * (x @ up_q.t())) * dropped) @ down_q  # (B, S, D)
+
+    def stand_in_weights(
+        self, bits: int, with_gate: bool = False
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """``(Wg or None, W1, W2^T)`` quantized to ``bits`` per weight, row by row, and dequantized; built once per
+        set of base weights and number of bits."""
+        mlp = self.base_layer
+        weights = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+        key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in weights)
+        cache = self._stand_in_cache if self._stand_in_cache is not None else {}
+        entry = cache.pop(bits, None)  # popped: a stale copy is freed before the new one is made
+        if entry is None or entry[0] != key:
+            up_q = quantize_rows(weights[1], bits).dequantize()
+            down_q = quantize_rows(weights[2].t().contiguous(), bits).dequantize()  # neuron-major, as kernels read it
+            entry = (key, [None, up_q, down_q])
+        if with_gate and entry[1][0] is None:
+            entry[1][0] = quantize_rows(weights[0], bits).dequantize()
+        cache[bits] = entry
+        self._stand_in_cache = cache
+        return tuple(entry[1])
 
     def statistics(self, step: Step, adapter: str) -> Any:
         """The backbone statistics of this prompt batch; raises if the prefill ran for another adapter or none."""
@@ -235,9 +307,10 @@ class CapreseLayer(nn.Module, BaseTunerLayer):
         return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in self.decode_tensors(adapter))
 
     def release_decode_cache(self) -> None:
-        """Free the merged decode weights of every adapter; the next decode step that needs them builds them again."""
+        """Free the merged decode weights and the stand-in copies; the next step that needs them builds them again."""
         for decoder in self.caprese_decoder.values():
             decoder.release()
+        self._stand_in_cache = None
 
     def __repr__(self) -> str:
         return "caprese." + super().__repr__()

@@ -190,6 +190,7 @@ class CapreseModel(BaseTuner):
             "backbone": peft_config.backbone,
             "density": peft_config.density,
             "init_weights": peft_config.init_weights,
+            "stand_in_bits": peft_config.stand_in_bits,
         }
         if isinstance(target, CapreseLayer):
             target.update_layer(adapter_name, **options)

@@ -164,3 +164,26 @@ def cats_merged_ff(
     keep = gate.abs() > threshold  # (B, T, F)
     z = (gate * keep) * (x @ up_weight.t())  # (B, T, F)
     return z @ down_weight.t() + (x @ low_rank_left) @ low_rank_right  # (B, T, D)
+
+
+class QuantizedRows(NamedTuple):
+    """A weight matrix quantized row by row: ``codes * scale``, symmetric, ``bits`` bits per weight."""
+
+    codes: torch.Tensor  # (rows, cols) int8, in [-2**(bits-1), 2**(bits-1) - 1]
+    scale: torch.Tensor  # (rows, 1), the weight's dtype
+    bits: int
+
+    def dequantize(self) -> torch.Tensor:
+        return self.codes.to(self.scale.dtype) * self.scale
+
+
+def quantize_rows(weight: torch.Tensor, bits: int) -> QuantizedRows:
+    """Round each row of ``weight`` to ``bits``-bit integers times the row's scale (its largest magnitude over the
+    largest code), the stand-in of dropped neurons (``CapreseConfig.stand_in_bits``)."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must lie in [2, 8], got {bits}.")
+    with torch.no_grad():
+        top = 2 ** (bits - 1) - 1
+        scale = (weight.abs().amax(dim=-1, keepdim=True) / top).clamp_min(torch.finfo(weight.dtype).tiny)
+        codes = torch.round(weight / scale).clamp(-top - 1, top).to(torch.int8)
+    return QuantizedRows(codes, scale, bits)

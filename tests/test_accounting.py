@@ -56,3 +56,11 @@ def test_llama_3_1_8b_cuts_about_two_billion_active_parameters():
 def test_report_needs_a_caprese_model():
     with pytest.raises(ValueError, match="no Caprese layers"):
         parameter_report(tiny_model("llama"))
+
+
+def test_a_stand_in_reads_the_skipped_weights_again_at_its_bits():
+    model = get_peft_model(tiny_model("llama"), CapreseConfig(backbone="cats", density=0.5, r=4, stand_in_bits=4))
+    report = parameter_report(model)
+    assert report.stand_in == report.ff_skipped and report.stand_in_bits == 4
+    assert report.bytes_per_token(4) == report.active_per_token * 4 + report.ff_skipped / 2
+    assert "stand-in reads" in str(report)

@@ -26,12 +26,14 @@ CONFIGS = {
     "cats": dict(backbone="cats", density=0.5, r=8),
     "griffin-first-half": dict(backbone="griffin", density=0.5, r=8, layers_to_transform=[0, 1]),
     "griffin-reselect": dict(backbone="griffin", density=0.4, r=4, reselect_every=3),
+    "cats-stand-in": dict(backbone="cats", density=0.5, r=8, stand_in_bits=4),
 }
 # the second adapter of a lifecycle test: another backbone, rank and set of layers than the first
 OTHER = {
     "cats": dict(backbone="griffin", density=0.4, r=4, layers_to_transform=[2, 3], reselect_every=2),
     "griffin-first-half": dict(backbone="cats", density=0.3, r=6, layers_to_transform=[1, 2, 3]),
     "griffin-reselect": dict(backbone="cats", density=0.6, r=8),
+    "cats-stand-in": dict(backbone="griffin", density=0.5, r=4, stand_in_bits=3, layers_to_transform=[0, 3]),
 }
 NEW = 5
 PER_ADAPTER = ("caprese_L", "caprese_R", "caprese_backbone", "caprese_decoder")

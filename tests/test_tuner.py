@@ -17,6 +17,8 @@ CASES = {
     "griffin-first-half": dict(backbone="griffin", density=0.5, r=8, layers_to_transform=[0, 1]),
     "cats-sparse-rank5": dict(backbone="cats", density=0.3, r=5),
     "griffin-all": dict(backbone="griffin", density=0.4, r=16),
+    "cats-stand-in": dict(backbone="cats", density=0.5, r=8, stand_in_bits=4),
+    "griffin-stand-in": dict(backbone="griffin", density=0.5, r=8, stand_in_bits=3, layers_to_transform=[1, 2]),
 }
 NEW_TOKENS = 6
 
@@ -44,6 +46,12 @@ def _oracle_keep(backbone, density, gate, z, n_prompt):
     return gate.abs() > values[values.numel() - n_keep - 1]
 
 
+def _quantized(weight, bits):
+    top = 2 ** (bits - 1) - 1
+    scale = weight.abs().max(dim=1, keepdim=True).values / top
+    return (weight / scale).round().clamp(-top - 1, top) * scale
+
+
 def oracle_logits(base, sequence, n_prompt, options, factors):
     """Logits of ``base`` on one unpadded ``sequence`` with the Caprese block on positions >= n_prompt.
 
@@ -59,6 +67,12 @@ def oracle_logits(base, sequence, n_prompt, options, factors):
             z = gate * mlp.up_proj(x)
             keep = _oracle_keep(options["backbone"], options["density"], gate, z, n_prompt)
             sparse = mlp.down_proj(z * keep) + x @ left @ right
+            bits = options.get("stand_in_bits")
+            if bits:  # the dropped neurons through row-quantized copies of their weights (the gate too for GRIFFIN)
+                quantized = [_quantized(w, bits) for w in (mlp.gate_proj.weight, mlp.up_proj.weight)]
+                dropped_gate = gate if options["backbone"] == "cats" else mlp.act_fn(x @ quantized[0].T)
+                down = _quantized(mlp.down_proj.weight.T, bits)
+                sparse = sparse + ((dropped_gate * (x @ quantized[1].T)) * ~keep) @ down
             return torch.cat([output[:, :n_prompt], sparse[:, n_prompt:]], dim=1)
 
         return hook

@@ -26,6 +26,9 @@ class Backbone(ABC):
     name: ClassVar[str]
     # how generated tokens are computed; a backbone with a faster form than the masked reference names its own
     decoder: ClassVar[type[SparseDecoder]]
+    # whether a generated token computes every neuron's gate activation (CATS: its keep mask needs them), so that
+    # the stand-in of dropped neurons uses the exact ones; False (GRIFFIN) quantizes the dropped gates too
+    reads_every_gate: ClassVar[bool] = True
 
     def __init__(self, density: float) -> None:
         self.density = check_density(density)
@@ -101,12 +104,14 @@ class SparseDecoder:
     def reference(self, x: torch.Tensor, stats: Any) -> torch.Tensor:
         """``down(act(gate(x)) * up(x) * keep) + x @ L @ R``: reads every FF weight and masks."""
         gate, z = self.layer.intermediate(x)
-        return self.layer.sparse_ff(x, z, self.backbone.keep_mask(gate, stats), self.adapter)
+        return self.layer.sparse_ff(x, gate, z, self.backbone.keep_mask(gate, stats), self.adapter)
 
     def problem(self, x: torch.Tensor) -> str | None:
         """Why ``fast`` cannot compute ``x``, or None when it can."""
         if not self.has_fast_path:
             return f"the {self.backbone.name!r} backbone has no merged form"
+        if self.layer.caprese_stand_in.get(self.adapter):
+            return "the stand-in of dropped neurons (stand_in_bits) has no merged form here"
         biased = [
             p for p in ("gate_proj", "up_proj", "down_proj") if getattr(self.layer.base_layer, p).bias is not None
         ]

@@ -93,6 +93,7 @@ class Griffin(Backbone):
 
     name = "griffin"
     decoder = GriffinDecoder
+    reads_every_gate = False  # a generated token computes the gates of its kept neurons only
 
     def calibrate(self, gate: torch.Tensor, z: torch.Tensor, token_mask: torch.Tensor) -> GriffinStats:
         check_token_mask(token_mask)

@@ -131,6 +131,11 @@ class FastDecoder:
         biased = [p for p in ("gate_proj", "up_proj", "down_proj") if getattr(mlp.base_layer, p).bias is not None]
         if biased:
             raise ValueError(f"Layer {index}: {', '.join(biased)} have biases, which merged decode leaves out.")
+        if layer.caprese_stand_in.get(self.adapter):
+            raise ValueError(
+                f"Layer {index}: the lean step has no stand-in of dropped neurons (stand_in_bits); use "
+                "model.generate(...) for this adapter."
+            )
         try:
             return layer.caprese_decoder[self.adapter].lean_ff(self.mode == "caprese", self.use_kernels)
         except ValueError as error:
