@@ -34,7 +34,9 @@ from caprese_peft.merged import ACTIVATIONS, check_ff_weights, keep_indices
 
 SOURCE = Path(__file__).with_name("ff_cpu.cpp")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
+# -march=native: the vector code is chosen (AVX-512, AVX2, scalar) by the machine that builds it, at first use;
+# CAPRESE_CPU_MARCH overrides it (e.g. x86-64-v3 to test the AVX2 path on an AVX-512 machine)
+CFLAGS = ["-O3", f"-march={os.environ.get('CAPRESE_CPU_MARCH', 'native')}", "-fopenmp", "-fno-math-errno"]
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "loaded": bool, "error": str
