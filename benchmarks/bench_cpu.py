@@ -52,9 +52,9 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout that is not pip
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS, run_metadata  # noqa: E402
-from caprese_peft.merged import cats_merged_ff, griffin_fused_ff, griffin_merged_weights, keep_indices  # noqa: E402
-from kernels import prepare_cats_weights  # noqa: E402
-from kernels.cpu import cats_ff_cpu, griffin_union_ff, griffin_union_weights, isa, load_extension  # noqa: E402
+from caprese_peft.kernels import prepare_cats_weights  # noqa: E402
+from caprese_peft.kernels.cpu_ff import cats_ff_cpu, griffin_union_ff, griffin_union_weights, isa, load_extension  # noqa: E402
+from caprese_peft.sparse_ff import cats_merged_ff, griffin_fused_ff, griffin_merged_weights, keep_indices  # noqa: E402
 
 SHAPES = {  # name: (hidden, intermediate, layers)
     "SmolLM2-135M": (576, 1536, 30),

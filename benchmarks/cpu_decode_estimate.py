@@ -2,7 +2,7 @@
 
 For dense, Caprese(CATS 0.5) and Caprese(GRIFFIN 0.5) (all layers, a fresh adapter with ``--rank``: speed does not
 depend on the values of L and R), at each batch size, builds ``FastDecoder``s whose lean step is either the
-current one (``torch``, eager or with ``--compile`` under inductor) or ``kernels.cpu.lean_cpu.CpuLeanDecoder``
+current one (``torch``, eager or with ``--compile`` under inductor) or ``caprese_peft.kernels.cpu_lean.CpuLeanDecoder``
 (``op``, eager, and with ``--compile`` under inductor too). All are prefilled with the same GSM8K dev prompts;
 then decode steps are timed in blocks of ``--block`` tokens, the variants' blocks interleaved, over ``--rounds``
 rounds: the median ms/token is what is reported, with the weight bytes a step reads, the bytes floor at the
@@ -34,8 +34,8 @@ from benchmarks.bench_cpu import cpu_model, read_bandwidth_gbps, wait_quiet  # n
 from benchmarks.common import RESULTS, run_metadata  # noqa: E402
 from caprese_peft import CapreseConfig, FastDecoder  # noqa: E402
 from caprese_peft.distill.synth import chat_inputs, load_problems, user_message  # noqa: E402
-from kernels.cpu import isa, load_extension  # noqa: E402
-from kernels.cpu.lean_cpu import cpu_lean_decoder  # noqa: E402
+from caprese_peft.kernels.cpu_ff import isa, load_extension  # noqa: E402
+from caprese_peft.kernels.cpu_lean import cpu_lean_decoder  # noqa: E402
 
 GSM8K = ROOT / ".." / "shared" / "data" / "gsm8k" / "train.jsonl"
 

@@ -1,4 +1,4 @@
-"""The C++ CPU ops of ``kernels.cpu`` match their torch references and the specifications in ``caprese_peft.merged``.
+"""The C++ CPU ops of ``caprese_peft.kernels.cpu_ff`` match their torch references and the specifications in ``caprese_peft.sparse_ff``.
 
 The first test to need the ops compiles them (about 15 s on 2 cores, once per machine and source version).
 """
@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from caprese_peft.merged import ACTIVATIONS, cats_merged_ff, griffin_merged_ff, griffin_merged_weights, keep_indices
-from kernels import prepare_cats_weights
-from kernels.cpu import (
+from caprese_peft.kernels import prepare_cats_weights
+from caprese_peft.kernels.cpu_ff import (
     cats_ff_cpu,
     dense_ff,
     gated_ff,
@@ -23,6 +22,7 @@ from kernels.cpu import (
     load_extension,
     prepare_dense_weights,
 )
+from caprese_peft.sparse_ff import ACTIVATIONS, cats_merged_ff, griffin_merged_ff, griffin_merged_weights, keep_indices
 
 D, FF, R = 72, 200, 8  # odd sizes: no vector width or tile divides them
 # rtol = atol on |out|; the ops accumulate in fp32 and round once at the end, so low-precision error is the

@@ -1,18 +1,18 @@
 """CPU decode ops: a batched GEMV and a fused gated FF block reading only the rows of kept neurons.
 
-The C++ source ``ff_cpu.cpp`` is compiled on first use with ``torch.utils.cpp_extension`` (``-O3 -march=native``
+The C++ source ``cpu_ff.cpp`` is compiled on first use with ``torch.utils.cpp_extension`` (``-O3 -march=native``
 on the machine that runs it, cached under ``TORCH_EXTENSIONS_DIR``; about 12 s the first time, then a load) and
 registers two ``torch.library`` ops, so ``torch.compile`` traces them as opaque calls:
 
 - ``torch.ops.caprese_cpu.linear(x, weight)``: ``x (B, D) @ weight (N, D)^T``, fp32 accumulation;
 - ``torch.ops.caprese_cpu.gated_ff(x, gate, up, down_t, threshold, keep, ff_size, activation)``: the gated MLP
-  over the neuron-major layout of ``kernels.cats_ff`` (``gate (F, D)``, ``up (F + r, D)``, ``down_t (F + r, D)``,
+  over the neuron-major layout of ``caprese_peft.kernels.cats_ff`` (``gate (F, D)``, ``up (F + r, D)``, ``down_t (F + r, D)``,
   the last ``r`` rows the low-rank neurons with gate 1), keeping neuron ``i`` for row ``b`` where
   ``|act(gate)| > threshold[b]`` (CATS), where ``keep[b, i]`` (GRIFFIN on the union of the rows' neurons), or
   always (dense). Up and down rows of a neuron no row keeps are never read.
 
 Each op has a pure-torch reference here (``linear_reference``, ``gated_ff_reference``), itself checked against
-the specifications in ``caprese_peft.merged``; the public functions take ``use_kernels`` like ``kernels.cats_ff``:
+the specifications in ``caprese_peft.sparse_ff``; the public functions take ``use_kernels`` like ``caprese_peft.kernels.cats_ff``:
 None runs the op when it is built and applies, True demands it, False runs the reference. Where the op cannot be
 built (no compiler, no ninja), one warning is given and the references run.
 """
@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from caprese_peft.merged import ACTIVATIONS, check_ff_weights, keep_indices
+from caprese_peft.sparse_ff import ACTIVATIONS, check_ff_weights, keep_indices
 
-SOURCE = Path(__file__).with_name("ff_cpu.cpp")
+SOURCE = Path(__file__).with_name("cpu_ff.cpp")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # -march=native: the vector code is chosen (AVX-512, AVX2, scalar) by the machine that builds it, at first use;
 # CAPRESE_CPU_MARCH overrides it (e.g. x86-64-v3 to test the AVX2 path on an AVX-512 machine)
@@ -87,7 +87,7 @@ def load_extension(verbose: bool = False) -> bool:
         except Exception as error:  # noqa: BLE001 - any build failure means: run the torch path
             _state.update(loaded=False, error=f"{type(error).__name__}: {error}")
             warnings.warn(
-                "kernels.cpu: the C++ CPU kernels could not be built, so the slower torch path runs instead "
+                "caprese_peft.kernels.cpu_ff: the C++ CPU kernels could not be built, so the slower torch path runs instead "
                 f"({str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__}). They "
                 "need a C++ compiler and ninja (pip install ninja).",
                 stacklevel=3,
@@ -226,7 +226,7 @@ def gated_ff(
 class GatedFFWeights:
     """Neuron-major gated-MLP weights: ``gate (F, D)``, ``up (F + r, D)``, ``down_t (F + r, D)``.
 
-    The same layout as ``kernels.CatsFFWeights`` (which can be passed wherever this is taken).
+    The same layout as ``caprese_peft.kernels.CatsFFWeights`` (which can be passed wherever this is taken).
     """
 
     gate: torch.Tensor
@@ -262,9 +262,9 @@ def dense_ff(x: torch.Tensor, weights: GatedFFWeights, activation: str, *, use_k
 def cats_ff_cpu(
     x: torch.Tensor, weights, threshold: torch.Tensor, activation: str, *, use_kernels: bool | None = None
 ) -> torch.Tensor:
-    """CATS + low rank on ``x (B, D)`` with ``kernels.CatsFFWeights``; ``threshold (B,)``, one per sequence.
+    """CATS + low rank on ``x (B, D)`` with ``caprese_peft.kernels.CatsFFWeights``; ``threshold (B,)``, one per sequence.
 
-    Specification: ``caprese_peft.merged.cats_merged_ff``. Reads every gate row, then the up and down rows of
+    Specification: ``caprese_peft.sparse_ff.cats_merged_ff``. Reads every gate row, then the up and down rows of
     the neurons at least one sequence keeps, and the ``r`` low-rank rows.
     """
     threshold = threshold.reshape(-1).float()
@@ -333,7 +333,7 @@ def griffin_union_ff(
 ) -> torch.Tensor:
     """GRIFFIN + low rank on ``x (B, D)``: each sequence uses only its own kept neurons among the union's rows.
 
-    Specification: ``caprese_peft.merged.griffin_merged_ff`` on ``griffin_merged_weights``. At batch 1 no mask
+    Specification: ``caprese_peft.sparse_ff.griffin_merged_ff`` on ``griffin_merged_weights``. At batch 1 no mask
     is needed (every gathered neuron is kept), so none is passed.
     """
     if x.shape[0] != weights.keep.shape[0]:

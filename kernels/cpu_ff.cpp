@@ -1,6 +1,6 @@
 // CPU decode kernels for Caprese: a batched GEMV and a fused gated feed-forward block that reads the up and
 // down rows of active neurons only. Registered as torch.library ops `caprese_cpu::linear` and
-// `caprese_cpu::gated_ff`; kernels/cpu/ops.py builds this file on first use (-O3 -march=native) and holds the
+// `caprese_cpu::gated_ff`; kernels/cpu_ff.py builds this file on first use (-O3 -march=native) and holds the
 // torch references they must match.
 //
 // Why hand-written: at batch 1..8 a decode step is a sequence of GEMVs whose cost is reading the weights once.

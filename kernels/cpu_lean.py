@@ -18,7 +18,7 @@ from torch import nn
 from caprese_peft.fast_decode.lean import Attention, LeanDecoder, apply_rope, rms_norm
 from caprese_peft.layer import CapreseLayer
 
-from .ops import (
+from .cpu_ff import (
     GriffinUnionWeights,
     cats_ff_cpu,
     dense_ff,
@@ -30,7 +30,7 @@ from .ops import (
 
 
 def _activation(mlp: nn.Module) -> str:
-    from caprese_peft.merged import activation_name
+    from caprese_peft.sparse_ff import activation_name
 
     name = activation_name(mlp.act_fn)
     if name is None:
