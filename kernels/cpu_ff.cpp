@@ -148,43 +148,82 @@ constexpr const char* kIsa = "scalar";
 constexpr int64_t kMaxBatch = 8;  // rows per register tile; larger batches are cut into tiles of 8
 constexpr int64_t kTile = 64;     // neurons per tile of the fused block: long contiguous gate-row streams
 constexpr int kGroup = 4;         // down rows accumulated together: 4 FMAs per load/store of the partial output
-// one accumulator chain per x row is FMA-latency bound at batch 1-2; two chains hide it (AVX2 has 16 registers)
-constexpr int chains(int batch) { return (kWidth == 16 || batch <= 4) ? 2 : 1; }
+// rows of weights read together: several streams in flight and one x load per NR weight loads; NR x B
+// accumulators stay within the register file (32 vector registers with AVX-512, 16 with AVX2)
+template <int B>
+constexpr int rows_together() {
+  constexpr int budget = kWidth == 16 ? 16 : 8;
+  return B >= budget ? 1 : (budget / B >= 4 ? 4 : budget / B);
+}
 
-// out[b] = x[b] . w for B rows of x (fp32, row stride ldx) and one weight row w of length n
-template <int B, typename T>
-inline void dot_rows(const float* x, int64_t ldx, const T* w, int64_t n, float* out) {
-  constexpr int C = chains(B);
-  Vec acc[B][C];
-  for (int b = 0; b < B; ++b)
-    for (int c = 0; c < C; ++c) acc[b][c] = vzero();
+inline void prefetch(const void* p) {
+#if defined(__AVX2__) || defined(__AVX512F__)
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+#else
+  __builtin_prefetch(p);
+#endif
+}
+
+// out[r * B + b] = x[b] . w[r] for NR weight rows w[r] of length n and B rows of x (fp32, row stride ldx). While
+// it computes, it prefetches the same columns of the rows it will read next (`next`, NR of them): at batch >= 2
+// the core is busy long enough per cache line that the hardware prefetcher alone leaves the memory bus idle.
+template <int B, int NR, typename T>
+inline void dot_multi(const float* x, int64_t ldx, const T* const* w, const T* const* next, int64_t n, float* out) {
+  constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
+  Vec acc[NR][B];
+  for (int r = 0; r < NR; ++r)
+    for (int b = 0; b < B; ++b) acc[r][b] = vzero();
   int64_t d = 0;
-  for (; d + C * kWidth <= n; d += C * kWidth) {
-    for (int c = 0; c < C; ++c) {
-      Vec wv = vload(w + d + c * kWidth);
-      for (int b = 0; b < B; ++b) acc[b][c] = vfma(vload(x + b * ldx + d + c * kWidth), wv, acc[b][c]);
+  for (; d + kWidth <= n; d += kWidth) {
+    if (d % kLine == 0)
+      for (int r = 0; r < NR; ++r) prefetch(next[r] + d);
+    Vec wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = vload(w[r] + d);
+    for (int b = 0; b < B; ++b) {
+      const Vec xv = vload(x + b * ldx + d);
+      for (int r = 0; r < NR; ++r) acc[r][b] = vfma(xv, wv[r], acc[r][b]);
     }
   }
-  for (; d + kWidth <= n; d += kWidth) {
-    Vec wv = vload(w + d);
-    for (int b = 0; b < B; ++b) acc[b][0] = vfma(vload(x + b * ldx + d), wv, acc[b][0]);
-  }
-  for (int b = 0; b < B; ++b) {
-    Vec s = acc[b][0];
-    for (int c = 1; c < C; ++c) s = vadd(s, acc[b][c]);
-    out[b] = vsum(s);
-  }
+  for (int r = 0; r < NR; ++r)
+    for (int b = 0; b < B; ++b) out[r * B + b] = vsum(acc[r][b]);
   for (; d < n; ++d) {
-    const float wd = static_cast<float>(w[d]);
-    for (int b = 0; b < B; ++b) out[b] += x[b * ldx + d] * wd;
+    for (int r = 0; r < NR; ++r) {
+      const float wd = static_cast<float>(w[r][d]);
+      for (int b = 0; b < B; ++b) out[r * B + b] += x[b * ldx + d] * wd;
+    }
   }
 }
 
-// acc[b] += sum_g coef[g * B + b] * rows[g] for kGroup rows of length n; acc is (B, n) fp32, row stride n
+// out[s * B + b] = x[b] . rows[s] for count rows, NR at a time; `after` (may be null) is the first row of what
+// the caller reads next, prefetched while the last rows are computed
 template <int B, typename T>
-inline void axpy_rows(float* acc, const T* const* rows, const float* coef, int64_t n) {
+inline void dot_many(const float* x, int64_t ldx, const T* const* rows, int64_t count, int64_t n, float* out,
+                     const T* after = nullptr) {
+  constexpr int NR = rows_together<B>();
+  const T* next[NR];
+  int64_t s = 0;
+  for (; s + NR <= count; s += NR) {
+    for (int r = 0; r < NR; ++r) {
+      const int64_t k = s + NR + r;
+      next[r] = k < count ? rows[k] : (after != nullptr ? after : rows[s + r]);
+    }
+    dot_multi<B, NR>(x, ldx, rows + s, next, n, out + s * B);
+  }
+  for (; s < count; ++s) {
+    const T* nx = s + 1 < count ? rows[s + 1] : (after != nullptr ? after : rows[s]);
+    dot_multi<B, 1>(x, ldx, rows + s, &nx, n, out + s * B);
+  }
+}
+
+// acc[b] += sum_g coef[g * B + b] * rows[g] for kGroup rows of length n; acc is (B, n) fp32, row stride n;
+// prefetches the same columns of the kGroup rows `next`
+template <int B, typename T>
+inline void axpy_rows(float* acc, const T* const* rows, const T* const* next, const float* coef, int64_t n) {
+  constexpr int64_t kLine = 64 / sizeof(T);
   int64_t d = 0;
   for (; d + kWidth <= n; d += kWidth) {
+    if (d % kLine == 0)
+      for (int g = 0; g < kGroup; ++g) prefetch(next[g] + d);
     Vec w[kGroup];
     for (int g = 0; g < kGroup; ++g) w[g] = vload(rows[g] + d);
     for (int b = 0; b < B; ++b) {
@@ -238,11 +277,16 @@ void activate(float* v, int64_t n, Activation act) {
 
 template <int B, typename T>
 void linear_tile(const float* x, int64_t ldx, const T* w, int64_t n_out, int64_t hidden, float* y, int64_t ldy) {
+  constexpr int64_t kChunk = 64;  // rows per inner batch: the row pointers and outputs of one dot_many call
   at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
-    float out[B];
-    for (int64_t j = begin; j < end; ++j) {
-      dot_rows<B>(x, ldx, w + j * hidden, hidden, out);
-      for (int b = 0; b < B; ++b) y[b * ldy + j] = out[b];
+    const T* rows[kChunk];
+    float out[kChunk * B];
+    for (int64_t j0 = begin; j0 < end; j0 += kChunk) {
+      const int64_t count = std::min(kChunk, end - j0);
+      for (int64_t s = 0; s < count; ++s) rows[s] = w + (j0 + s) * hidden;
+      dot_many<B>(x, ldx, rows, count, hidden, out);
+      for (int64_t s = 0; s < count; ++s)
+        for (int b = 0; b < B; ++b) y[b * ldy + j0 + s] = out[s * B + b];
     }
   });
 }
@@ -326,6 +370,7 @@ void gated_ff_range(const FFArgs& a, const T* gate, const T* up, const T* down_t
   const int64_t D = a.hidden;
   float pre[kTile * B];     // gate pre-activations, then coefficients, of the tile's neurons, [j * B + b]
   float z[kTile * B];       // coefficient * up output of the active neurons, [slot * B + b]
+  const T* rows[kTile];
   const T* down_rows[kTile + kGroup];
   int64_t active[kTile];
   for (int64_t t0 = begin; t0 < end; t0 += kTile) {
@@ -334,7 +379,8 @@ void gated_ff_range(const FFArgs& a, const T* gate, const T* up, const T* down_t
     // 1. gate GEMV over the tile's FF neurons, one vectorised activation, then keep decisions; the low-rank
     //    neurons (i >= F) are always kept with gate 1
     const int64_t ff_end = std::min(t1, std::max(t0, a.ff_size));
-    for (int64_t i = t0; i < ff_end; ++i) dot_rows<B>(a.x, D, gate + i * D, D, pre + (i - t0) * B);
+    for (int64_t i = t0; i < ff_end; ++i) rows[i - t0] = gate + i * D;
+    dot_many<B>(a.x, D, rows, ff_end - t0, D, pre);
     activate(pre, (ff_end - t0) * B, a.act);
     for (int64_t i = t0; i < t1; ++i) {
       float* c = pre + (i - t0) * B;
@@ -354,20 +400,23 @@ void gated_ff_range(const FFArgs& a, const T* gate, const T* up, const T* down_t
       if (any) active[n_active++] = i;
     }
     // 2. up rows of the active neurons only
+    for (int64_t s = 0; s < n_active; ++s) rows[s] = up + active[s] * D;
+    dot_many<B>(a.x, D, rows, n_active, D, z, n_active > 0 ? down_t + active[0] * D : nullptr);
     for (int64_t s = 0; s < n_active; ++s) {
-      const int64_t i = active[s];
-      float u[B];
-      dot_rows<B>(a.x, D, up + i * D, D, u);
-      const float* c = pre + (i - t0) * B;
-      for (int b = 0; b < B; ++b) z[s * B + b] = c[b] * u[b];
-      down_rows[s] = down_t + i * D;
+      const float* c = pre + (active[s] - t0) * B;
+      for (int b = 0; b < B; ++b) z[s * B + b] *= c[b];
+      down_rows[s] = down_t + active[s] * D;
     }
     // 3. down rows of the active neurons, kGroup at a time; a short last group repeats a row with coefficient 0
     for (int64_t s = n_active; s % kGroup != 0; ++s) {
       down_rows[s] = down_rows[n_active > 0 ? 0 : s];
       for (int b = 0; b < B; ++b) z[s * B + b] = 0.0f;
     }
-    for (int64_t s = 0; s < n_active; s += kGroup) axpy_rows<B>(acc, down_rows + s, z + s * B, D);
+    for (int64_t s = 0; s < n_active; s += kGroup) {
+      // the next group's rows; after the last group, this tile's rows again (cached: a harmless prefetch)
+      const T* const* next = s + kGroup < n_active ? down_rows + s + kGroup : down_rows + s;
+      axpy_rows<B>(acc, down_rows + s, next, z + s * B, D);
+    }
   }
 }
 

@@ -61,6 +61,9 @@ def extension_name() -> str:
 def load_extension(verbose: bool = False) -> bool:
     """Build (first use) or load the C++ ops; True when ``torch.ops.caprese_cpu`` is usable.
 
+    Call it before ``torch.compile`` traces code that uses the ops: the build cannot be traced (the prepare
+    functions and the modules of ``cpu_lean`` call it).
+
     A failure (no C++ compiler, no ninja, a compile error) warns once and returns False: callers fall back to
     the torch references.
     """
@@ -83,6 +86,7 @@ def load_extension(verbose: bool = False) -> bool:
                 is_python_module=False,
                 verbose=verbose,
             )
+            _register_fakes()
             _state.update(loaded=True)
         except Exception as error:  # noqa: BLE001 - any build failure means: run the torch path
             _state.update(loaded=False, error=f"{type(error).__name__}: {error}")
@@ -105,10 +109,8 @@ def isa() -> str | None:
     return str(torch.ops.caprese_cpu.isa()) if load_extension() else None
 
 
-# fake (meta) implementations: shapes and dtypes for torch.compile; registered when the library loads
 def _register_fakes() -> None:
-    if _state.get("fakes") or not load_extension():
-        return
+    """Fake (meta) implementations: the output shapes and dtypes ``torch.compile`` traces with."""
 
     @torch.library.register_fake("caprese_cpu::linear")
     def _linear_fake(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -117,8 +119,6 @@ def _register_fakes() -> None:
     @torch.library.register_fake("caprese_cpu::gated_ff")
     def _gated_ff_fake(x, gate, up, down_t, threshold, keep, ff_size, activation) -> torch.Tensor:
         return torch.empty_like(x)
-
-    _state["fakes"] = True
 
 
 def _use_op(use_kernels: bool | None, applies: bool, why_not: str) -> bool:
@@ -160,7 +160,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, *, use_kernels: bool | None = 
     flat = x.reshape(-1, x.shape[-1])
     applies, why_not = _op_applies(flat, weight)
     if _use_op(use_kernels, applies, why_not):
-        _register_fakes()
         return torch.ops.caprese_cpu.linear(flat, weight).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
 
@@ -214,7 +213,6 @@ def gated_ff(
         raise ValueError("Pass threshold (CATS) or keep (GRIFFIN), not both.")
     applies, why_not = _op_applies(x, gate, up, down_t)
     if _use_op(use_kernels, applies, why_not):
-        _register_fakes()
         return torch.ops.caprese_cpu.gated_ff(x, gate, up, down_t, threshold, keep, ff_size, activation)
     return gated_ff_reference(x, gate, up, down_t, ff_size, activation, threshold, keep)
 
@@ -243,6 +241,7 @@ def prepare_dense_weights(
     gate_weight: torch.Tensor, up_weight: torch.Tensor, down_weight: torch.Tensor
 ) -> GatedFFWeights:
     """The dense MLP in the fused op's layout: a contiguous copy of ``W2^T`` (do it once, not per step)."""
+    load_extension()
     with torch.no_grad():
         return GatedFFWeights(
             gate=gate_weight.detach().contiguous(),
@@ -316,6 +315,7 @@ def griffin_union_weights(
     alone.
     """
     check_ff_weights(gate_weight, up_weight, down_weight, low_rank_left, low_rank_right)
+    load_extension()
     keep = keep.reshape(keep.shape[0], -1)
     keep_indices(keep)  # validates: bool, the same count per row, as the merged reference requires
     with torch.no_grad():

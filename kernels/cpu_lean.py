@@ -25,6 +25,7 @@ from .cpu_ff import (
     griffin_union_ff,
     griffin_union_weights,
     linear,
+    load_extension,
     prepare_dense_weights,
 )
 
@@ -169,4 +170,5 @@ def cpu_lean_decoder(fast: Any) -> CpuLeanDecoder:
             ffs.append(CpuCatsFF(layer, fast.adapter, low_rank))
         else:
             raise ValueError(f"Layer {index}: backbone {backbone!r} has no CPU op.")
+    load_extension()  # before torch.compile traces the step
     return CpuLeanDecoder(fast.hf_model, ffs).eval()
