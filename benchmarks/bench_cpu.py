@@ -119,15 +119,19 @@ def wait_quiet(max_wait: float, limit: float = 0.25) -> float:
 
 
 def read_bandwidth_gbps(mib: int, reps: int = 7) -> float:
-    """GB/s of ``torch.sum`` over ``mib`` MiB of fp32 (median of ``reps``): the machine's read bandwidth."""
+    """GB/s of ``torch.sum`` over ``mib`` MiB of fp32: the machine's read bandwidth.
+
+    The best of ``reps``: other processes only ever lower it, and this is the ceiling the variants are held to.
+    """
     data = torch.rand(mib * 2**20 // 4)
     data.sum()
     times = []
     for _ in range(reps):
+        wait_quiet(1.0)
         start = time.perf_counter()
         data.sum()
         times.append(time.perf_counter() - start)
-    return data.nbytes / statistics.median(times) / 1e9
+    return data.nbytes / min(times) / 1e9
 
 
 # ---- problems ----
@@ -323,7 +327,7 @@ def main() -> None:
                     seconds, loads = measure(fns, args.rounds, args.max_wait)
                 all_loads += loads
                 bandwidths.append(read_bandwidth_gbps(args.bandwidth_mib))
-                bw = statistics.median(bandwidths)
+                bw = max(bandwidths)
                 dense_us = seconds["dense_torch"][0] / n_rot * 1e6
                 for name, (s, s_min) in seconds.items():
                     us = s / n_rot * 1e6
@@ -341,6 +345,7 @@ def main() -> None:
                         "speedup_vs_dense_torch": round(dense_us / us, 2),
                         "mb_read": round(nbytes / 1e6, 2),
                         "gbps": round(nbytes / (us * 1e-6) / 1e9, 1),
+                        "gbps_best": round(nbytes / (s_min / n_rot) / 1e9, 1),
                         "fraction_of_bandwidth": round(nbytes / (us * 1e-6) / 1e9 / bw, 2),
                         "union_cats": round(union_cats, 3) if name.startswith("cats") else None,
                         "union_griffin": round(layers[0].griffin_union.intermediate_size / ff, 3)

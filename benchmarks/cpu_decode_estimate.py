@@ -33,7 +33,7 @@ import caprese_peft  # noqa: E402
 from benchmarks.bench_cpu import cpu_model, read_bandwidth_gbps, wait_quiet  # noqa: E402
 from benchmarks.common import RESULTS, run_metadata  # noqa: E402
 from caprese_peft import CapreseConfig, FastDecoder  # noqa: E402
-from caprese_peft.distill.synth import chat_inputs, load_problems, user_message  # noqa: E402
+from caprese_peft.data import chat_inputs, load_problems, user_message  # noqa: E402
 from caprese_peft.kernels.cpu_ff import isa, load_extension  # noqa: E402
 from caprese_peft.kernels.cpu_lean import cpu_lean_decoder  # noqa: E402
 
@@ -106,7 +106,7 @@ def main() -> None:
                         tokens[kind] = tokens[kind].clone()  # a real sync: the step is eager on a CPU
                         times[kind].append((time.perf_counter() - start) / args.block)
             bandwidth.append(read_bandwidth_gbps(512))
-            bw = statistics.median(bandwidth)
+            bw = max(bandwidth)  # the best sum: other processes only lower it
             reference = torch.stack(generated["torch"], 1)
             # the op step's bytes: GRIFFIN the union rows; CATS nominal (density of the rows; the union is more)
             floor_bytes = decoders["op"].lean.weight_bytes()
