@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from caprese_peft.fast_decode.lean import Attention, LeanDecoder, apply_rope, rms_norm
-from caprese_peft.layer import CapreseLayer
 
 from .cpu_ff import (
     GriffinUnionWeights,
@@ -56,18 +55,18 @@ class CpuDenseFF(nn.Module):
 
 
 class CpuCatsFF(nn.Module):
-    """Caprese(CATS) through the op: every gate row, then up and down rows of neurons some sequence keeps."""
+    """Caprese(CATS) through the op, from the lean step's ``CatsFF``: every gate row, then the rows kept."""
 
-    def __init__(self, layer: CapreseLayer, adapter: str, low_rank: bool) -> None:
+    def __init__(self, lean_ff: nn.Module) -> None:
         super().__init__()
-        object.__setattr__(self, "layer", layer)
-        self.activation = _activation(layer.base_layer)
-        self.density = layer.caprese_backbone[adapter].density
-        self.weights = layer.cats_decode_weights(adapter, low_rank=low_rank)
+        object.__setattr__(self, "decoder", lean_ff.decoder)  # a CatsDecoder
+        self.activation = lean_ff.activation
+        self.density = lean_ff.decoder.backbone.density
+        self.weights = lean_ff.weights
         self.threshold: torch.Tensor | None = None
 
     def load(self) -> None:
-        self.threshold = self.layer._stats.threshold.reshape(-1).float().clone()
+        self.threshold = self.decoder.layer._stats.threshold.reshape(-1).float().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return cats_ff_cpu(x[:, 0], self.weights, self.threshold, self.activation)[:, None]
@@ -82,20 +81,20 @@ class CpuCatsFF(nn.Module):
 class CpuGriffinFF(nn.Module):
     """Caprese(GRIFFIN) on the rows of the union of the batch's kept neurons, gathered once per prompt batch."""
 
-    def __init__(self, layer: CapreseLayer, adapter: str, low_rank: bool) -> None:
+    def __init__(self, lean_ff: nn.Module) -> None:
         super().__init__()
-        object.__setattr__(self, "layer", layer)
-        self.adapter = adapter
-        self.low_rank = low_rank
-        self.activation = _activation(layer.base_layer)
+        object.__setattr__(self, "decoder", lean_ff.decoder)  # a GriffinDecoder
+        self.low_rank = lean_ff.low_rank
+        self.activation = _activation(lean_ff.decoder.layer.base_layer)
         self.weights: GriffinUnionWeights | None = None
 
     def load(self) -> None:
-        gate_w, up_w, down_w, left, right = self.layer._decode_tensors(self.adapter)
+        layer = self.decoder.layer
+        gate_w, up_w, down_w, left, right = layer.decode_tensors(self.decoder.adapter)
         if not self.low_rank:
             left, right = left[:, :0], right[:0]
         self.weights = None  # free the previous batch's copy first
-        self.weights = griffin_union_weights(gate_w, up_w, down_w, left, right, self.layer._stats.keep)
+        self.weights = griffin_union_weights(gate_w, up_w, down_w, left, right, layer._stats.keep)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return griffin_union_ff(x[:, 0], self.weights, self.activation)[:, None]
@@ -155,20 +154,24 @@ class CpuLeanDecoder(LeanDecoder):
 
 
 def cpu_lean_decoder(fast: Any) -> CpuLeanDecoder:
-    """A ``CpuLeanDecoder`` for ``FastDecoder`` ``fast`` (its model and mode); set ``fast.lean`` to it before prefill."""
-    ffs = []
-    for index, layer in enumerate(fast.layers):
-        mlp = fast.hf_model.model.layers[index].mlp
-        if fast.mode == "dense" or layer is None or layer._active() is None:
-            ffs.append(CpuDenseFF(mlp.base_layer if layer is not None else mlp))
-            continue
-        backbone = layer.caprese_backbone[fast.adapter].name
-        low_rank = fast.mode == "caprese"
-        if backbone == "griffin":
-            ffs.append(CpuGriffinFF(layer, fast.adapter, low_rank))
-        elif backbone == "cats":
-            ffs.append(CpuCatsFF(layer, fast.adapter, low_rank))
-        else:
-            raise ValueError(f"Layer {index}: backbone {backbone!r} has no CPU op.")
+    """A ``CpuLeanDecoder`` for ``FastDecoder`` ``fast`` (its model and mode); set ``fast.lean`` to it before prefill.
+
+    Each FF block is the CPU counterpart of the one FastDecoder builds (``fast._feed_forward``); a CATS block
+    whose activation the ops do not know stays as it is.
+    """
+    from caprese_peft.fast_decode.lean import CatsFF, DenseFF, GriffinFF
+
     load_extension()  # before torch.compile traces the step
+    ffs = []
+    for index in range(len(fast.layers)):
+        lean_ff = fast._feed_forward(index)
+        if isinstance(lean_ff, DenseFF):
+            mlp = fast.hf_model.model.layers[index].mlp
+            ffs.append(CpuDenseFF(getattr(mlp, "base_layer", mlp)))
+        elif isinstance(lean_ff, GriffinFF):
+            ffs.append(CpuGriffinFF(lean_ff))
+        elif isinstance(lean_ff, CatsFF) and lean_ff.activation is not None:
+            ffs.append(CpuCatsFF(lean_ff))
+        else:
+            ffs.append(lean_ff)
     return CpuLeanDecoder(fast.hf_model, ffs).eval()

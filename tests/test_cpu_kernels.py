@@ -289,3 +289,36 @@ def test_bad_inputs_fail_early_with_a_reason():
         linear(x.requires_grad_(), w.gate, use_kernels=True)
     with pytest.raises(RuntimeError, match="must both have"):  # the op's own checks, for callers of torch.ops directly
         torch.ops.caprese_cpu.gated_ff(x.detach(), w.gate, w.up[:5], w.down_t, threshold, None, FF, "silu")
+
+
+# ---- the prototype lean step (kernels/cpu_lean.py) on tiny models ----
+
+LEAN_CASES = {  # name: (adapter options or None for the plain model, FastDecoder mode)
+    "plain-dense": (None, "dense"),
+    "griffin-caprese": (dict(backbone="griffin", layers_to_transform=[0, 1]), "caprese"),
+    "cats-caprese": (dict(backbone="cats"), "caprese"),
+    "cats-backbone": (dict(backbone="cats", density=0.4, layers_to_transform=[1, 2, 3]), "backbone"),
+}
+
+
+@requires_op
+@pytest.mark.parametrize("case", sorted(LEAN_CASES))
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_cpu_lean_step_gives_the_logits_of_the_lean_step(arch, case):
+    """The CPU-op step computes what FastDecoder's own step computes, in prefill and over several decode steps."""
+    from caprese_peft.fast_decode import FastDecoder
+    from caprese_peft.kernels.cpu_lean import cpu_lean_decoder
+
+    from conftest import random_prompts, tiny_model, wrap
+
+    options, mode = LEAN_CASES[case]
+    model = tiny_model(arch) if options is None else wrap(arch, **options)
+    ids, mask = random_prompts([7, 3, 9])
+    reference, ops = FastDecoder(model, mode=mode, max_seq_len=16), FastDecoder(model, mode=mode, max_seq_len=16)
+    ops.lean = cpu_lean_decoder(ops)
+    tokens = reference.prefill(ids, mask).argmax(-1)
+    ops.prefill(ids, mask)
+    for _ in range(4):
+        want, got = reference.decode_one_token(tokens), ops.decode_one_token(tokens)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        tokens = want.argmax(-1)
