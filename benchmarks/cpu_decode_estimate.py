@@ -2,11 +2,12 @@
 
 For dense, Caprese(CATS 0.5) and Caprese(GRIFFIN 0.5) (all layers, a fresh adapter with ``--rank``: speed does not
 depend on the values of L and R), at each batch size, builds ``FastDecoder``s whose lean step is either the
-current one (``torch``, eager or with ``--compile`` under inductor) or ``caprese_peft.kernels.cpu_lean.CpuLeanDecoder``
-(``op``, eager, and with ``--compile`` under inductor too). All are prefilled with the same GSM8K dev prompts;
-then decode steps are timed in blocks of ``--block`` tokens, the variants' blocks interleaved, over ``--rounds``
-rounds: the median ms/token is what is reported, with the weight bytes a step reads, the bytes floor at the
-measured read bandwidth, and whether the greedy tokens agree with the torch eager step of the same mode.
+current one (``torch``: eager, or ``torch_compiled`` under inductor with ``--compile``) or
+``caprese_peft.kernels.cpu_lean.CpuLeanDecoder`` (``op``: eager, ``op_compiled``: under inductor; ``ffop_compiled``:
+the ops for the FF blocks only, torch's GEMV for attention and the lm_head). All are prefilled with the same GSM8K
+dev prompts; then decode steps are timed in blocks of ``--block`` tokens, the variants' blocks interleaved, over
+``--rounds`` rounds: the median ms/token is reported (and the minimum), with the weight bytes a step reads, the
+bytes floor at the best measured read bandwidth, and whether the greedy tokens agree with the torch eager step.
 
     python benchmarks/cpu_decode_estimate.py --batches 1 4 --threads 2 [--compile]
 
@@ -66,6 +67,8 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    # every FastDecoder compiles the same step function on other modules: one recompilation each
+    torch._dynamo.config.recompile_limit = 64
     if not load_extension():
         sys.exit("The C++ CPU ops could not be built.")
     models, tokenizer = build_models(args.rank)
@@ -81,12 +84,13 @@ def main() -> None:
         for mode in args.modes:
             model, fast_mode = models[mode]
             decoders = {}
-            kinds = ["torch", "op"] + (["torch_compiled", "op_compiled"] if args.compile else [])
+            kinds = ["torch", "op"] + (["torch_compiled", "op_compiled", "ffop_compiled"] if args.compile else [])
             for kind in kinds:
                 compile_ = "default" if kind.endswith("compiled") else "none"
                 fast = FastDecoder(model, mode=fast_mode, max_seq_len=max_seq_len, compile=compile_)
-                if kind.startswith("op"):
-                    fast.lean = cpu_lean_decoder(fast)
+                if kind.startswith(("op", "ffop")):
+                    # ffop: the ops for the FF blocks only, torch's GEMV for attention and the lm_head
+                    fast.lean = cpu_lean_decoder(fast, linear_op=not kind.startswith("ffop"))
                 decoders[kind] = fast
             tokens, generated = {}, {kind: [] for kind in kinds}
             with torch.no_grad():

@@ -1,7 +1,7 @@
 """CPU decode ops: a batched GEMV and a fused gated FF block reading only the rows of kept neurons.
 
 The C++ source ``cpu_ff.cpp`` is compiled on first use with ``torch.utils.cpp_extension`` (``-O3 -march=native``
-on the machine that runs it, cached under ``TORCH_EXTENSIONS_DIR``; about 12 s the first time, then a load) and
+on the machine that runs it, cached under ``TORCH_EXTENSIONS_DIR``; about 18 s the first time on 2 cores, then a load) and
 registers two ``torch.library`` ops, so ``torch.compile`` traces them as opaque calls:
 
 - ``torch.ops.caprese_cpu.linear(x, weight)``: ``x (B, D) @ weight (N, D)^T``, fp32 accumulation;

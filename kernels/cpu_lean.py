@@ -135,13 +135,15 @@ class CpuAttention(Attention):
 
 
 class CpuLeanDecoder(LeanDecoder):
-    """``LeanDecoder`` with ``CpuAttention`` in every layer and the lm_head through ``caprese_cpu::linear``."""
+    """``LeanDecoder`` with the CPU FF blocks, and ``CpuAttention`` and the lm_head through ``caprese_cpu::linear``."""
 
-    def __init__(self, model: nn.Module, ffs: list[nn.Module]) -> None:
+    def __init__(self, model: nn.Module, ffs: list[nn.Module], linear_op: bool = True) -> None:
         super().__init__(model, ffs)
-        config = model.config
-        for lean_layer, hf_layer in zip(self.layers, model.model.layers):
-            lean_layer.attn = CpuAttention(hf_layer.self_attn, config)
+        self.linear_op = linear_op
+        if linear_op:
+            config = model.config
+            for lean_layer, hf_layer in zip(self.layers, model.model.layers):
+                lean_layer.attn = CpuAttention(hf_layer.self_attn, config)
 
     def forward(self, tokens: torch.Tensor, slot: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = F.embedding(tokens, self.embed)[:, None]
@@ -150,14 +152,16 @@ class CpuLeanDecoder(LeanDecoder):
         visible = (self.prompt_visible | generated)[:, None, None]
         for layer in self.layers:
             h = layer(h, cos, sin, slot, visible)
-        return linear(rms_norm(h[:, 0], self.norm, self.eps), self.lm_head).float()
+        h = rms_norm(h[:, 0], self.norm, self.eps)
+        return (linear(h, self.lm_head) if self.linear_op else F.linear(h, self.lm_head)).float()
 
 
-def cpu_lean_decoder(fast: Any) -> CpuLeanDecoder:
+def cpu_lean_decoder(fast: Any, linear_op: bool = True) -> CpuLeanDecoder:
     """A ``CpuLeanDecoder`` for ``FastDecoder`` ``fast`` (its model and mode); set ``fast.lean`` to it before prefill.
 
     Each FF block is the CPU counterpart of the one FastDecoder builds (``fast._feed_forward``); a CATS block
-    whose activation the ops do not know stays as it is.
+    whose activation the ops do not know stays as it is. ``linear_op=False`` keeps torch's GEMV (MKL) for the
+    attention projections and the lm_head: the ops then run the FF blocks only.
     """
     from caprese_peft.fast_decode.lean import CatsFF, DenseFF, GriffinFF
 
@@ -174,4 +178,4 @@ def cpu_lean_decoder(fast: Any) -> CpuLeanDecoder:
             ffs.append(CpuCatsFF(lean_ff))
         else:
             ffs.append(lean_ff)
-    return CpuLeanDecoder(fast.hf_model, ffs).eval()
+    return CpuLeanDecoder(fast.hf_model, ffs, linear_op).eval()

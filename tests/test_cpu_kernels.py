@@ -1,6 +1,6 @@
 """The C++ CPU ops of ``caprese_peft.kernels.cpu_ff`` match their torch references and the specifications in ``caprese_peft.sparse_ff``.
 
-The first test to need the ops compiles them (about 15 s on 2 cores, once per machine and source version).
+The first test to need the ops compiles them (about 18 s on 2 cores, once per machine and source version).
 """
 
 from __future__ import annotations
