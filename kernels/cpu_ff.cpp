@@ -1,0 +1,506 @@
+// CPU decode kernels for Caprese: a batched GEMV and a fused gated feed-forward block that reads the up and
+// down rows of active neurons only. Registered as torch.library ops `caprese_cpu::linear` and
+// `caprese_cpu::gated_ff`; kernels/cpu_ff.py builds this file on first use (-O3 -march=native) and holds the
+// torch references they must match.
+//
+// Why hand-written: at batch 1..8 a decode step is a sequence of GEMVs whose cost is reading the weights once.
+// The fused block walks the neurons in tiles: the gate rows of a tile, then the up rows and the down rows of
+// the neurons some sequence keeps, so each weight row is read at most once per step, as a contiguous stream,
+// and skipped rows are never touched. Weights are fp32, bf16 or fp16; every product is accumulated in fp32.
+// Threads (torch's intra-op OpenMP pool, at::parallel_for) split the neurons; each sums its own (B, D) partial
+// output, and the partials are added at the end: no atomics, the same order for every run.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// exp by Cephes' expf: 2^n * p(r) with r = x - n ln2, |r| <= ln2 / 2; relative error ~2e-7 (torch's is ~1e-7)
+constexpr float kExpHi = 88.0f, kExpLo = -87.0f, kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f;
+constexpr float kP3 = 4.1665795894e-2f, kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
+
+inline float exp_scalar(float x) {
+  x = std::fmin(std::fmax(x, kExpLo), kExpHi);
+  const float n = std::floor(x * kLog2e + 0.5f);
+  float r = x - n * kLn2Hi;
+  r = r - n * kLn2Lo;
+  float p = kP0;
+  p = p * r + kP1;
+  p = p * r + kP2;
+  p = p * r + kP3;
+  p = p * r + kP4;
+  p = p * r + kP5;
+  p = p * r * r + r + 1.0f;
+  return std::ldexp(p, static_cast<int>(n));
+}
+
+// ---- a few SIMD primitives: AVX-512, AVX2 + FMA, or scalar, whichever the compiling machine has ----
+
+#if defined(__AVX512F__)
+constexpr int64_t kWidth = 16;
+using Vec = __m512;
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vset1(float a) { return _mm512_set1_ps(a); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vload(const c10::BFloat16* p) {
+  // bf16 is the top half of an fp32: widen to 32 bits and shift
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline Vec vload(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline float vsum(Vec v) { return _mm512_reduce_add_ps(v); }
+inline Vec vexp(Vec x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, vset1(kExpHi)), vset1(kExpLo));
+  const Vec n = _mm512_roundscale_ps(vfma(x, vset1(kLog2e), vset1(0.5f)), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  Vec r = _mm512_fnmadd_ps(n, vset1(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, vset1(kLn2Lo), r);
+  Vec p = vset1(kP0);
+  p = vfma(p, r, vset1(kP1));
+  p = vfma(p, r, vset1(kP2));
+  p = vfma(p, r, vset1(kP3));
+  p = vfma(p, r, vset1(kP4));
+  p = vfma(p, r, vset1(kP5));
+  p = vfma(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, vset1(1.0f)));
+  return _mm512_scalef_ps(p, n);  // p * 2^n
+}
+inline Vec vdiv(Vec a, Vec b) { return _mm512_div_ps(a, b); }
+inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+constexpr const char* kIsa = "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int64_t kWidth = 8;
+using Vec = __m256;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vset1(float a) { return _mm256_set1_ps(a); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec vload(const c10::BFloat16* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline Vec vload(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline float vsum(Vec v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline Vec vexp(Vec x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, vset1(kExpHi)), vset1(kExpLo));
+  const Vec n = _mm256_floor_ps(vfma(x, vset1(kLog2e), vset1(0.5f)));
+  Vec r = _mm256_fnmadd_ps(n, vset1(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, vset1(kLn2Lo), r);
+  Vec p = vset1(kP0);
+  p = vfma(p, r, vset1(kP1));
+  p = vfma(p, r, vset1(kP2));
+  p = vfma(p, r, vset1(kP3));
+  p = vfma(p, r, vset1(kP4));
+  p = vfma(p, r, vset1(kP5));
+  p = vfma(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, vset1(1.0f)));
+  // 2^n from the exponent bits; n is in [-126, 127] after the clamp
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+inline Vec vdiv(Vec a, Vec b) { return _mm256_div_ps(a, b); }
+inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+constexpr const char* kIsa = "avx2";
+#else
+constexpr int64_t kWidth = 1;
+using Vec = float;
+inline Vec vzero() { return 0.0f; }
+inline Vec vset1(float a) { return a; }
+template <typename T>
+inline Vec vload(const T* p) { return static_cast<float>(*p); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return a * b + c; }
+inline Vec vadd(Vec a, Vec b) { return a + b; }
+inline void vstore(float* p, Vec v) { *p = v; }
+inline float vsum(Vec v) { return v; }
+inline Vec vexp(Vec x) { return exp_scalar(x); }
+inline Vec vdiv(Vec a, Vec b) { return a / b; }
+inline Vec vmul(Vec a, Vec b) { return a * b; }
+constexpr const char* kIsa = "scalar";
+#endif
+
+constexpr int64_t kMaxBatch = 8;  // rows per register tile; larger batches are cut into tiles of 8
+constexpr int64_t kTile = 64;     // neurons per tile of the fused block: long contiguous gate-row streams
+constexpr int kGroup = 4;         // down rows accumulated together: 4 FMAs per load/store of the partial output
+// rows of weights read together: several streams in flight and one x load per NR weight loads; NR x B
+// accumulators stay within the register file (32 vector registers with AVX-512, 16 with AVX2)
+template <int B>
+constexpr int rows_together() {
+  constexpr int budget = kWidth == 16 ? 16 : 8;
+  return B >= budget ? 1 : (budget / B >= 4 ? 4 : budget / B);
+}
+
+inline void prefetch(const void* p) {
+#if defined(__AVX2__) || defined(__AVX512F__)
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+#else
+  __builtin_prefetch(p);
+#endif
+}
+
+// out[r * B + b] = x[b] . w[r] for NR weight rows w[r] of length n and B rows of x (fp32, row stride ldx). While
+// it computes, it prefetches the same columns of the rows it will read next (`next`, NR of them): at batch >= 2
+// the core is busy long enough per cache line that the hardware prefetcher alone leaves the memory bus idle.
+template <int B, int NR, typename T>
+inline void dot_multi(const float* x, int64_t ldx, const T* const* w, const T* const* next, int64_t n, float* out) {
+  constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
+  Vec acc[NR][B];
+  for (int r = 0; r < NR; ++r)
+    for (int b = 0; b < B; ++b) acc[r][b] = vzero();
+  int64_t d = 0;
+  for (; d + kWidth <= n; d += kWidth) {
+    if (d % kLine == 0)
+      for (int r = 0; r < NR; ++r) prefetch(next[r] + d);
+    Vec wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = vload(w[r] + d);
+    for (int b = 0; b < B; ++b) {
+      const Vec xv = vload(x + b * ldx + d);
+      for (int r = 0; r < NR; ++r) acc[r][b] = vfma(xv, wv[r], acc[r][b]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int b = 0; b < B; ++b) out[r * B + b] = vsum(acc[r][b]);
+  for (; d < n; ++d) {
+    for (int r = 0; r < NR; ++r) {
+      const float wd = static_cast<float>(w[r][d]);
+      for (int b = 0; b < B; ++b) out[r * B + b] += x[b * ldx + d] * wd;
+    }
+  }
+}
+
+// out[s * B + b] = x[b] . rows[s] for count rows, NR at a time; `after` (may be null) is the first row of what
+// the caller reads next, prefetched while the last rows are computed
+template <int B, typename T>
+inline void dot_many(const float* x, int64_t ldx, const T* const* rows, int64_t count, int64_t n, float* out,
+                     const T* after = nullptr) {
+  constexpr int NR = rows_together<B>();
+  const T* next[NR];
+  int64_t s = 0;
+  for (; s + NR <= count; s += NR) {
+    for (int r = 0; r < NR; ++r) {
+      const int64_t k = s + NR + r;
+      next[r] = k < count ? rows[k] : (after != nullptr ? after : rows[s + r]);
+    }
+    dot_multi<B, NR>(x, ldx, rows + s, next, n, out + s * B);
+  }
+  for (; s < count; ++s) {
+    const T* nx = s + 1 < count ? rows[s + 1] : (after != nullptr ? after : rows[s]);
+    dot_multi<B, 1>(x, ldx, rows + s, &nx, n, out + s * B);
+  }
+}
+
+// acc[b] += sum_g coef[g * B + b] * rows[g] for kGroup rows of length n; acc is (B, n) fp32, row stride n;
+// prefetches the same columns of the kGroup rows `next`
+template <int B, typename T>
+inline void axpy_rows(float* acc, const T* const* rows, const T* const* next, const float* coef, int64_t n) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  int64_t d = 0;
+  for (; d + kWidth <= n; d += kWidth) {
+    if (d % kLine == 0)
+      for (int g = 0; g < kGroup; ++g) prefetch(next[g] + d);
+    Vec w[kGroup];
+    for (int g = 0; g < kGroup; ++g) w[g] = vload(rows[g] + d);
+    for (int b = 0; b < B; ++b) {
+      Vec a = vload(acc + b * n + d);
+      for (int g = 0; g < kGroup; ++g) a = vfma(vset1(coef[g * B + b]), w[g], a);
+      vstore(acc + b * n + d, a);
+    }
+  }
+  for (; d < n; ++d) {
+    for (int b = 0; b < B; ++b) {
+      float a = acc[b * n + d];
+      for (int g = 0; g < kGroup; ++g) a += coef[g * B + b] * static_cast<float>(rows[g][d]);
+      acc[b * n + d] = a;
+    }
+  }
+}
+
+enum class Activation { kSilu, kGeluTanh };
+
+Activation parse_activation(c10::string_view name) {
+  if (name == "silu") return Activation::kSilu;
+  if (name == "gelu_tanh") return Activation::kGeluTanh;
+  TORCH_CHECK(false, "caprese_cpu: activation must be 'silu' or 'gelu_tanh', got '", std::string(name), "'");
+}
+
+// v[k] = act(v[k]) for k < n; gelu_tanh as g * sigmoid(2u) == 0.5 g (1 + tanh(u)), u = sqrt(2/pi)(g + 0.044715 g^3)
+inline float activate_scalar(float g, Activation act) {
+  if (act == Activation::kSilu) return g / (1.0f + exp_scalar(-g));
+  return g / (1.0f + exp_scalar(-1.5957691216057308f * (g + 0.044715f * g * g * g)));
+}
+
+void activate(float* v, int64_t n, Activation act) {
+  int64_t k = 0;
+  const Vec one = vset1(1.0f);
+  if (act == Activation::kSilu) {
+    for (; k + kWidth <= n; k += kWidth) {
+      const Vec g = vload(v + k);
+      vstore(v + k, vdiv(g, vadd(one, vexp(vmul(g, vset1(-1.0f))))));
+    }
+  } else {
+    for (; k + kWidth <= n; k += kWidth) {
+      const Vec g = vload(v + k);
+      const Vec u = vmul(vset1(-1.5957691216057308f), vfma(vmul(vset1(0.044715f), g), vmul(g, g), g));
+      vstore(v + k, vdiv(g, vadd(one, vexp(u))));
+    }
+  }
+  for (; k < n; ++k) v[k] = activate_scalar(v[k], act);
+}
+
+// ---- linear: y = x @ W^T for x (B, D) and W (N, D) ----
+
+template <int B, typename T>
+void linear_tile(const float* x, int64_t ldx, const T* w, int64_t n_out, int64_t hidden, float* y, int64_t ldy) {
+  constexpr int64_t kChunk = 64;  // rows per inner batch: the row pointers and outputs of one dot_many call
+  at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
+    const T* rows[kChunk];
+    float out[kChunk * B];
+    for (int64_t j0 = begin; j0 < end; j0 += kChunk) {
+      const int64_t count = std::min(kChunk, end - j0);
+      for (int64_t s = 0; s < count; ++s) rows[s] = w + (j0 + s) * hidden;
+      dot_many<B>(x, ldx, rows, count, hidden, out);
+      for (int64_t s = 0; s < count; ++s)
+        for (int b = 0; b < B; ++b) y[b * ldy + j0 + s] = out[s * B + b];
+    }
+  });
+}
+
+template <typename T>
+void linear_impl(const float* x, int64_t batch, const T* w, int64_t n_out, int64_t hidden, float* y) {
+  for (int64_t b0 = 0; b0 < batch; b0 += kMaxBatch) {
+    const int64_t rows = std::min(kMaxBatch, batch - b0);
+    const float* xb = x + b0 * hidden;
+    float* yb = y + b0 * n_out;
+    with_batch(rows, [&](auto r) { linear_tile<decltype(r)::value>(xb, hidden, w, n_out, hidden, yb, n_out); });
+  }
+}
+
+void check_weight(const at::Tensor& w, const at::Tensor& x, const char* name, int64_t hidden) {
+  TORCH_CHECK(w.device().is_cpu(), "caprese_cpu: ", name, " must be on the CPU");
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == hidden, "caprese_cpu: ", name, " must be (N, ", hidden, "), got ",
+              w.sizes());
+  TORCH_CHECK(w.is_contiguous(), "caprese_cpu: ", name, " must be contiguous");
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "caprese_cpu: ", name, " is ", w.scalar_type(), " but x is ",
+              x.scalar_type());
+}
+
+// call f with a null pointer of the weights' element type, or with std::integral_constant<int, rows>
+template <typename F>
+void with_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(static_cast<float*>(nullptr)); break;
+    case at::kBFloat16: f(static_cast<c10::BFloat16*>(nullptr)); break;
+    case at::kHalf: f(static_cast<c10::Half*>(nullptr)); break;
+    default: TORCH_CHECK(false, "caprese_cpu: weights must be float32, bfloat16 or float16, got ", dtype);
+  }
+}
+
+template <typename F>
+void with_batch(int64_t rows, F&& f) {
+  switch (rows) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: TORCH_CHECK(false, "caprese_cpu: internal error, a tile of ", rows, " rows");
+  }
+}
+
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "caprese_cpu::linear: x must be (B, D) on the CPU, got ",
+              x.sizes());
+  const int64_t batch = x.size(0), hidden = x.size(1), n_out = weight.size(0);
+  check_weight(weight, x, "weight", hidden);
+  at::Tensor xf = x.to(at::kFloat).contiguous();  // (B, D) is tiny next to the weights: convert it once
+  at::Tensor y = at::empty({batch, n_out}, x.options().dtype(at::kFloat));
+  with_dtype(weight.scalar_type(), [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    linear_impl(xf.data_ptr<float>(), batch, weight.data_ptr<scalar_t>(), n_out, hidden, y.data_ptr<float>());
+  });
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+// ---- gated_ff: sum over kept neurons i of act(x . gate_i) * (x . up_i) * down_t_i, plus the r low-rank
+// neurons (i >= F) with their gate fixed to 1. Neuron i is kept for row b where
+//   threshold given: |act(x_b . gate_i)| > threshold[b]   (CATS)
+//   keep given:      keep[b, i] != 0                         (GRIFFIN over the union of the rows' neurons)
+//   neither:         always                                  (dense) ----
+
+struct FFArgs {
+  const float* x;  // (B, D) fp32
+  int64_t batch, hidden, ff_size, n_neurons;
+  const float* threshold;  // (B,) or null
+  const uint8_t* keep;     // (B, F) or null
+  Activation act;
+};
+
+template <int B, typename T>
+void gated_ff_range(const FFArgs& a, const T* gate, const T* up, const T* down_t, int64_t begin, int64_t end,
+                    float* acc) {
+  const int64_t D = a.hidden;
+  float pre[kTile * B];     // gate pre-activations, then coefficients, of the tile's neurons, [j * B + b]
+  float z[kTile * B];       // coefficient * up output of the active neurons, [slot * B + b]
+  const T* rows[kTile];
+  const T* down_rows[kTile + kGroup];
+  int64_t active[kTile];
+  for (int64_t t0 = begin; t0 < end; t0 += kTile) {
+    const int64_t t1 = std::min(end, t0 + kTile);
+    int64_t n_active = 0;
+    // 1. gate GEMV over the tile's FF neurons, one vectorised activation, then keep decisions; the low-rank
+    //    neurons (i >= F) are always kept with gate 1
+    const int64_t ff_end = std::min(t1, std::max(t0, a.ff_size));
+    for (int64_t i = t0; i < ff_end; ++i) rows[i - t0] = gate + i * D;
+    dot_many<B>(a.x, D, rows, ff_end - t0, D, pre);
+    activate(pre, (ff_end - t0) * B, a.act);
+    for (int64_t i = t0; i < t1; ++i) {
+      float* c = pre + (i - t0) * B;
+      if (i >= a.ff_size) {
+        for (int b = 0; b < B; ++b) c[b] = 1.0f;
+        active[n_active++] = i;
+        continue;
+      }
+      bool any = false;
+      for (int b = 0; b < B; ++b) {
+        bool kept = true;
+        if (a.threshold != nullptr) kept = std::fabs(c[b]) > a.threshold[b];
+        if (a.keep != nullptr) kept = a.keep[b * a.ff_size + i] != 0;
+        c[b] = kept ? c[b] : 0.0f;
+        any = any || kept;
+      }
+      if (any) active[n_active++] = i;
+    }
+    // 2. up rows of the active neurons only
+    for (int64_t s = 0; s < n_active; ++s) rows[s] = up + active[s] * D;
+    dot_many<B>(a.x, D, rows, n_active, D, z, n_active > 0 ? down_t + active[0] * D : nullptr);
+    for (int64_t s = 0; s < n_active; ++s) {
+      const float* c = pre + (active[s] - t0) * B;
+      for (int b = 0; b < B; ++b) z[s * B + b] *= c[b];
+      down_rows[s] = down_t + active[s] * D;
+    }
+    // 3. down rows of the active neurons, kGroup at a time; a short last group repeats a row with coefficient 0
+    for (int64_t s = n_active; s % kGroup != 0; ++s) {
+      down_rows[s] = down_rows[n_active > 0 ? 0 : s];
+      for (int b = 0; b < B; ++b) z[s * B + b] = 0.0f;
+    }
+    for (int64_t s = 0; s < n_active; s += kGroup) {
+      // the next group's rows; after the last group, this tile's rows again (cached: a harmless prefetch)
+      const T* const* next = s + kGroup < n_active ? down_rows + s + kGroup : down_rows + s;
+      axpy_rows<B>(acc, down_rows + s, next, z + s * B, D);
+    }
+  }
+}
+
+template <int B, typename T>
+void gated_ff_tile(const FFArgs& a, const T* gate, const T* up, const T* down_t, float* out) {
+  const int64_t D = a.hidden;
+  const int threads = at::get_num_threads();
+  std::vector<float> partial(static_cast<size_t>(threads) * B * D, 0.0f);
+  // grain: below ~4 tiles per thread the fork costs more than it saves
+  at::parallel_for(0, a.n_neurons, 4 * kTile, [&](int64_t begin, int64_t end) {
+    float* acc = partial.data() + static_cast<size_t>(at::get_thread_num()) * B * D;
+    gated_ff_range<B>(a, gate, up, down_t, begin, end, acc);
+  });
+  for (int64_t k = 0; k < B * D; ++k) {
+    float s = 0.0f;
+    for (int t = 0; t < threads; ++t) s += partial[static_cast<size_t>(t) * B * D + k];
+    out[k] = s;
+  }
+}
+
+at::Tensor gated_ff_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down_t,
+                        const c10::optional<at::Tensor>& threshold, const c10::optional<at::Tensor>& keep,
+                        int64_t ff_size, c10::string_view activation) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "caprese_cpu::gated_ff: x must be (B, D) on the CPU, got ",
+              x.sizes());
+  const int64_t batch = x.size(0), hidden = x.size(1);
+  check_weight(gate, x, "gate", hidden);
+  check_weight(up, x, "up", hidden);
+  check_weight(down_t, x, "down_t", hidden);
+  TORCH_CHECK(gate.size(0) == ff_size, "caprese_cpu::gated_ff: gate must have ff_size=", ff_size, " rows, got ",
+              gate.size(0));
+  TORCH_CHECK(up.size(0) == down_t.size(0) && up.size(0) >= ff_size,
+              "caprese_cpu::gated_ff: up and down_t must both have ff_size + r rows, got ", up.size(0), " and ",
+              down_t.size(0));
+  TORCH_CHECK(!(threshold.has_value() && keep.has_value()), "caprese_cpu::gated_ff: threshold or keep, not both");
+  at::Tensor thr, kp;
+  if (threshold.has_value()) {
+    thr = threshold->to(at::kFloat).contiguous();
+    TORCH_CHECK(thr.numel() == batch, "caprese_cpu::gated_ff: threshold needs one value per row, got ",
+                thr.sizes());
+  }
+  if (keep.has_value()) {
+    kp = keep->to(at::kByte).contiguous();
+    TORCH_CHECK(kp.dim() == 2 && kp.size(0) == batch && kp.size(1) == ff_size,
+                "caprese_cpu::gated_ff: keep must be (B, ff_size) = (", batch, ", ", ff_size, "), got ", kp.sizes());
+  }
+  at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({batch, hidden}, x.options().dtype(at::kFloat));
+  const Activation act = parse_activation(activation);
+  for (int64_t b0 = 0; b0 < batch; b0 += kMaxBatch) {
+    const int64_t rows = std::min(kMaxBatch, batch - b0);
+    FFArgs a{xf.data_ptr<float>() + b0 * hidden,
+             rows,
+             hidden,
+             ff_size,
+             up.size(0),
+             thr.defined() ? thr.data_ptr<float>() + b0 : nullptr,
+             kp.defined() ? kp.data_ptr<uint8_t>() + b0 * ff_size : nullptr,
+             act};
+    float* o = out.data_ptr<float>() + b0 * hidden;
+    with_dtype(x.scalar_type(), [&](auto* tag) {
+      using scalar_t = std::remove_pointer_t<decltype(tag)>;
+      const scalar_t* g = gate.data_ptr<scalar_t>();
+      const scalar_t* u = up.data_ptr<scalar_t>();
+      const scalar_t* dn = down_t.data_ptr<scalar_t>();
+      with_batch(rows, [&](auto r) { gated_ff_tile<decltype(r)::value>(a, g, u, dn, o); });
+    });
+  }
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+std::string isa() { return kIsa; }
+
+}  // namespace
+
+TORCH_LIBRARY(caprese_cpu, m) {
+  m.def("linear(Tensor x, Tensor weight) -> Tensor");
+  m.def(
+      "gated_ff(Tensor x, Tensor gate, Tensor up, Tensor down_t, Tensor? threshold, Tensor? keep, int ff_size, "
+      "str activation) -> Tensor");
+  m.def("isa() -> str", &isa);
+}
+
+TORCH_LIBRARY_IMPL(caprese_cpu, CPU, m) {
+  m.impl("linear", &linear_cpu);
+  m.impl("gated_ff", &gated_ff_cpu);
+}

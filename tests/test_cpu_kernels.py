@@ -1,0 +1,324 @@
+"""The C++ CPU ops of ``caprese_peft.kernels.cpu_ff`` match their torch references and the specifications in ``caprese_peft.sparse_ff``.
+
+The first test to need the ops compiles them (about 18 s on 2 cores, once per machine and source version).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from caprese_peft.kernels import prepare_cats_weights
+from caprese_peft.kernels.cpu_ff import (
+    cats_ff_cpu,
+    dense_ff,
+    gated_ff,
+    gated_ff_reference,
+    griffin_union_ff,
+    griffin_union_weights,
+    linear,
+    linear_reference,
+    load_extension,
+    prepare_dense_weights,
+)
+from caprese_peft.sparse_ff import ACTIVATIONS, cats_merged_ff, griffin_merged_ff, griffin_merged_weights, keep_indices
+
+D, FF, R = 72, 200, 8  # odd sizes: no vector width or tile divides them
+# rtol = atol on |out|; the ops accumulate in fp32 and round once at the end, so low-precision error is the
+# rounding of the output: fp32 sums in another order 1e-6, fp16 ~5e-4, bf16 ~4e-3
+TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+BATCHES = [1, 2, 3, 5, 8]
+
+requires_op = pytest.mark.skipif(not load_extension(), reason="the C++ CPU ops could not be built here")
+
+
+def randn(gen: torch.Generator, *shape: int, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+
+def make_problem(batch: int, dtype: torch.dtype, seed: int, hidden: int = D, ff: int = FF, rank: int = R):
+    """Random x ``(B, D)`` and ``(Wg, W1, W2, L, R)`` in ``dtype``, gate pre-activations O(1); never zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = (
+        randn(gen, ff, hidden, scale=hidden**-0.5, dtype=dtype),
+        randn(gen, ff, hidden, scale=hidden**-0.5, dtype=dtype),
+        randn(gen, hidden, ff, scale=ff**-0.5, dtype=dtype),
+        randn(gen, hidden, rank, scale=hidden**-0.5, dtype=dtype),
+        randn(gen, rank, hidden, scale=max(rank, 1) ** -0.5, dtype=dtype),
+    )
+    return randn(gen, batch, hidden, scale=1.0, dtype=dtype), weights
+
+
+def half_threshold(x: torch.Tensor, gate_weight: torch.Tensor, act) -> torch.Tensor:
+    """Per sequence, a threshold keeping about half the neurons, in the widest gap between ``|act(gate)|`` values.
+
+    The op sums the gate in fp32 in another order than torch; a value within rounding of the threshold could fall
+    either side, so the gap keeps the comparison about arithmetic, not a coin toss.
+    """
+    gates = act(x.float() @ gate_weight.float().T).abs()  # (B, F)
+    thresholds = []
+    for row in gates:
+        values = row.sort().values
+        band = values[int(0.4 * len(values)) : int(0.6 * len(values))]
+        i = int(band.diff().argmax())
+        assert band[i + 1] - band[i] > 1e-5 * band[i]
+        thresholds.append((band[i] + band[i + 1]) / 2)
+    return torch.stack(thresholds)  # (B,)
+
+
+def cats_spec(x, weights, threshold, act) -> torch.Tensor:
+    """``cats_merged_ff`` in fp32 on the same (rounded) inputs."""
+    upcast = [w.float() for w in weights]
+    return cats_merged_ff(x.float()[:, None], *upcast, threshold.view(-1, 1, 1), act)[:, 0]
+
+
+def griffin_keep(batch: int, ff: int, kept: int, seed: int) -> torch.Tensor:
+    """``(B, F)`` bool: each row keeps its own random ``kept`` neurons, so the rows' sets differ."""
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.zeros(batch, ff, dtype=torch.bool)
+    for row in keep:
+        row[torch.randperm(ff, generator=gen)[:kept]] = True
+    return keep
+
+
+def griffin_spec(x, weights, keep, act) -> torch.Tensor:
+    """``griffin_merged_ff`` on ``griffin_merged_weights``, in fp32: each sequence its own pruned copy."""
+    merged = griffin_merged_weights(*[w.float() for w in weights], keep_indices(keep))
+    return griffin_merged_ff(x.float()[:, None], merged, act)[:, 0]
+
+
+def assert_close(out: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    tol = TOLERANCES[dtype]
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol)
+
+
+# ---- the references agree with the specifications ----
+
+
+@pytest.mark.parametrize("act_name", sorted(ACTIVATIONS))
+def test_reference_is_cats_merged_ff(act_name):
+    act = ACTIVATIONS[act_name]
+    x, weights = make_problem(3, torch.float32, seed=1)
+    threshold = half_threshold(x, weights[0], act)
+    w = prepare_cats_weights(*weights)
+    out = gated_ff_reference(x, w.gate, w.up, w.down_t, FF, act_name, threshold=threshold)
+    torch.testing.assert_close(out, cats_spec(x, weights, threshold, act), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_is_griffin_merged_ff():
+    x, weights = make_problem(4, torch.float32, seed=2)
+    keep = griffin_keep(4, FF, 60, seed=2)
+    w = griffin_union_weights(*weights, keep)
+    out = gated_ff_reference(x, w.gate, w.up, w.down_t, w.intermediate_size, "silu", keep=w.keep)
+    torch.testing.assert_close(out, griffin_spec(x, weights, keep, F.silu), rtol=1e-5, atol=1e-5)
+
+
+# ---- the ops against the specifications ----
+
+
+@requires_op
+@pytest.mark.parametrize("batch", [1, 2, 3, 7, 8, 11])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear_matches_reference(dtype, batch):
+    gen = torch.Generator().manual_seed(batch)
+    x = randn(gen, batch, D, scale=1.0, dtype=dtype)
+    weight = randn(gen, FF + 3, D, scale=D**-0.5, dtype=dtype)
+    out = linear(x, weight, use_kernels=True)
+    assert out.shape == (batch, FF + 3)
+    assert_close(out, linear_reference(x, weight), dtype)
+
+
+@requires_op
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("act_name", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cats_op_matches_cats_merged_ff(dtype, act_name, batch):
+    act = ACTIVATIONS[act_name]
+    x, weights = make_problem(batch, dtype, seed=10 + batch)
+    threshold = half_threshold(x, weights[0], act)
+    kept = (act(x.float() @ weights[0].float().T).abs() > threshold[:, None]).float().mean()
+    assert 0.35 < kept < 0.65
+    out = cats_ff_cpu(x, prepare_cats_weights(*weights), threshold, act_name, use_kernels=True)
+    expected = cats_spec(x, weights, threshold, act)
+    assert_close(out, expected, dtype)
+    # the comparison can fail: ignoring the threshold, or the low-rank neurons, would not pass it
+    tol = TOLERANCES[dtype]
+    dense = cats_spec(x, weights, torch.full_like(threshold, -1.0), act)
+    assert not torch.allclose(dense, expected, rtol=tol, atol=tol)
+    low_rank = (x.float() @ weights[3].float()) @ weights[4].float()
+    assert not torch.allclose(expected - low_rank, expected, rtol=tol, atol=tol)
+
+
+@requires_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cats_rows_no_sequence_keeps_are_never_read(dtype):
+    """The point of the op: up and down rows of neurons inactive for the whole batch stay unread."""
+    x, weights = make_problem(2, dtype, seed=13)
+    threshold = half_threshold(x, weights[0], F.silu)
+    expected = cats_spec(x, weights, threshold, F.silu)
+    prepared = prepare_cats_weights(*weights)
+    unused = ~(F.silu(x.float() @ weights[0].float().T).abs() > threshold[:, None]).any(dim=0)  # (F,)
+    assert 10 < unused.sum() < FF // 2
+    prepared.up[:FF][unused] = float("nan")  # any read of these rows would turn the output into nan
+    prepared.down_t[:FF][unused] = float("nan")
+    assert_close(cats_ff_cpu(x, prepared, threshold, "silu", use_kernels=True), expected, dtype)
+
+
+@requires_op
+def test_cats_low_rank_neurons_are_always_active():
+    x, weights = make_problem(3, torch.float32, seed=11)
+    none_kept = torch.full((3,), 1e9)
+    out = cats_ff_cpu(x, prepare_cats_weights(*weights), none_kept, "silu", use_kernels=True)
+    expected = (x @ weights[3]) @ weights[4]  # every FF neuron off: only x @ L @ R
+    assert_close(out, expected, torch.float32)
+
+
+@requires_op
+def test_cats_rank_zero_is_plain_cats():
+    x, weights = make_problem(2, torch.float32, seed=5, rank=0)
+    threshold = half_threshold(x, weights[0], F.silu)
+    prepared = prepare_cats_weights(*weights)
+    assert prepared.rank == 0
+    out = cats_ff_cpu(x, prepared, threshold, "silu", use_kernels=True)
+    assert_close(out, cats_spec(x, weights, threshold, F.silu), torch.float32)
+
+
+@requires_op
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_griffin_union_matches_griffin_merged_ff(dtype, batch):
+    act_name = "gelu_tanh" if batch % 2 else "silu"
+    act = ACTIVATIONS[act_name]
+    x, weights = make_problem(batch, dtype, seed=20 + batch)
+    keep = griffin_keep(batch, FF, 70, seed=batch)
+    union = griffin_union_weights(*weights, keep)
+    assert union.intermediate_size == int(keep.any(0).sum())
+    out = griffin_union_ff(x, union, act_name, use_kernels=True)
+    assert_close(out, griffin_spec(x, weights, keep, act), dtype)
+
+
+@requires_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_griffin_union_reads_union_rows_and_masks_per_sequence(dtype):
+    """Rows outside the union are never read; a neuron another sequence keeps adds nothing to this one."""
+    x, weights = make_problem(3, dtype, seed=31)
+    keep = griffin_keep(3, FF, 40, seed=31)
+    outside = ~keep.any(0)
+    assert outside.sum() > 0
+    poisoned = [w.clone() for w in weights]
+    poisoned[0][outside] = float("nan")
+    poisoned[1][outside] = float("nan")
+    poisoned[2][:, outside] = float("nan")
+    union = griffin_union_weights(*poisoned, keep)
+    out = griffin_union_ff(x, union, "silu", use_kernels=True)
+    expected = griffin_spec(x, weights, keep, F.silu)
+    assert_close(out, expected, dtype)
+    # each row alone, with its own kept neurons only, gives the same answer as in the batch
+    for b in range(3):
+        alone = griffin_union_ff(x[b : b + 1], griffin_union_weights(*weights, keep[b : b + 1]), "silu")
+        assert_close(alone, expected[b : b + 1], dtype)
+
+
+@requires_op
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dense_ff_matches_the_mlp(dtype, batch):
+    x, (gate_w, up_w, down_w, _, _) = make_problem(batch, dtype, seed=40 + batch)
+    out = dense_ff(x, prepare_dense_weights(gate_w, up_w, down_w), "silu", use_kernels=True)
+    xf = x.float()
+    expected = F.linear(F.silu(F.linear(xf, gate_w.float())) * F.linear(xf, up_w.float()), down_w.float())
+    assert_close(out, expected, dtype)
+
+
+@requires_op
+def test_ops_pass_opcheck():
+    """Schemas, fake (meta) implementations and tracing of the ops are consistent."""
+    x, weights = make_problem(2, torch.float32, seed=3)
+    w = prepare_cats_weights(*weights)
+    threshold = half_threshold(x, weights[0], F.silu)
+    linear(x, w.gate, use_kernels=True)  # registers the fake implementations
+    tests = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
+    torch.library.opcheck(torch.ops.caprese_cpu.linear.default, (x, w.gate), test_utils=tests)
+    keep = griffin_keep(2, FF, 50, seed=3).to(torch.uint8)
+    for thr, kp in ((threshold, None), (None, keep), (None, None)):
+        args = (x, w.gate, w.up, w.down_t, thr, kp, FF, "silu")
+        torch.library.opcheck(torch.ops.caprese_cpu.gated_ff.default, args, test_utils=tests)
+
+
+@requires_op
+def test_ops_compile_without_graph_breaks():
+    x, weights = make_problem(3, torch.float32, seed=4)
+    w = prepare_cats_weights(*weights)
+    threshold = half_threshold(x, weights[0], F.silu)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        h = cats_ff_cpu(x, w, threshold, "silu", use_kernels=True)
+        return linear(h, w.gate, use_kernels=True) * 2
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), step(x), rtol=1e-6, atol=1e-6)
+
+
+def test_forced_off_runs_the_reference():
+    x, weights = make_problem(2, torch.float32, seed=6)
+    w = prepare_cats_weights(*weights)
+    threshold = half_threshold(x, weights[0], F.silu)
+    out = cats_ff_cpu(x, w, threshold, "silu", use_kernels=False)
+    torch.testing.assert_close(out, cats_spec(x, weights, threshold, F.silu), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(linear(x, w.gate, use_kernels=False), F.linear(x, w.gate))
+
+
+@requires_op
+def test_bad_inputs_fail_early_with_a_reason():
+    x, weights = make_problem(2, torch.float32, seed=9)
+    w = prepare_cats_weights(*weights)
+    threshold = torch.zeros(2)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        cats_ff_cpu(x, w, threshold, "relu")
+    with pytest.raises(ValueError, match="one value per sequence"):
+        cats_ff_cpu(x, w, threshold[:1], "silu")
+    with pytest.raises(ValueError, match="share one of"):
+        cats_ff_cpu(x.bfloat16(), w, threshold, "silu", use_kernels=True)
+    with pytest.raises(ValueError, match="contiguous"):
+        gated_ff(x, w.gate.T.contiguous().T, w.up, w.down_t, FF, "silu", threshold=threshold, use_kernels=True)
+    with pytest.raises(ValueError, match="no backward"):
+        linear(x.requires_grad_(), w.gate, use_kernels=True)
+    with pytest.raises(RuntimeError, match="must both have"):  # the op's own checks, for callers of torch.ops directly
+        torch.ops.caprese_cpu.gated_ff(x.detach(), w.gate, w.up[:5], w.down_t, threshold, None, FF, "silu")
+
+
+# ---- the prototype lean step (kernels/cpu_lean.py) on tiny models ----
+
+LEAN_CASES = {  # name: (adapter options or None for the plain model, FastDecoder mode)
+    "plain-dense": (None, "dense"),
+    "griffin-caprese": (dict(backbone="griffin", layers_to_transform=[0, 1]), "caprese"),
+    "cats-caprese": (dict(backbone="cats"), "caprese"),
+    "cats-backbone": (dict(backbone="cats", density=0.4, layers_to_transform=[1, 2, 3]), "backbone"),
+}
+
+
+@requires_op
+@pytest.mark.parametrize("case", sorted(LEAN_CASES))
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_cpu_lean_step_gives_the_logits_of_the_lean_step(arch, case):
+    """The CPU-op step computes what FastDecoder's own step computes, in prefill and over several decode steps."""
+    from caprese_peft.fast_decode import FastDecoder
+    from caprese_peft.kernels.cpu_lean import cpu_lean_decoder
+
+    from conftest import random_prompts, tiny_model, wrap
+
+    options, mode = LEAN_CASES[case]
+    model = tiny_model(arch) if options is None else wrap(arch, **options)
+    ids, mask = random_prompts([7, 3, 9])
+    reference, ops = FastDecoder(model, mode=mode, max_seq_len=16), FastDecoder(model, mode=mode, max_seq_len=16)
+    ops.lean = cpu_lean_decoder(ops)
+    tokens = reference.prefill(ids, mask).argmax(-1)
+    ops.prefill(ids, mask)
+    for _ in range(4):
+        want, got = reference.decode_one_token(tokens), ops.decode_one_token(tokens)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        tokens = want.argmax(-1)
