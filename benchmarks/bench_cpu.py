@@ -16,13 +16,15 @@ to a few seconds) for the CPUs to be otherwise idle, and records how busy they w
 Variants (``r`` low-rank neurons where named ``caprese``):
 ``dense_torch``       F.linear on gate|up fused, then down, as ``fast_decode.lean.DenseFF`` runs it (eager);
 ``dense_compiled``    the same under ``torch.compile`` (inductor) where ``--compile`` is given;
-``dense_op``          ``caprese_cpu::gated_ff`` with every neuron kept (one pass: gate, up, down^T rows);
+``dense_op``          ``caprese_cpu::gated_ff`` with every neuron kept (one pass: gate, up, down^T rows; the lean
+                      step on a CPU);
 ``dense_linear_op``   ``caprese_cpu::linear`` for gate|up and for down (two GEMVs, the torch layout);
-``griffin_merged``    Caprese(GRIFFIN) on per-sequence pruned copies (``griffin_fused_ff``, the lean step today);
-``griffin_union_op``  Caprese(GRIFFIN) through ``caprese_cpu::gated_ff`` on the union of the sequences' rows;
-``cats_torch``        Caprese(CATS) ``cats_merged_ff``: every neuron computed, then masked (the lean step today);
+``griffin_merged``    Caprese(GRIFFIN) on per-sequence pruned copies (``griffin_fused_ff``, the lean step on a GPU);
+``griffin_union_op``  Caprese(GRIFFIN) through ``caprese_cpu::gated_ff`` with each sequence's keep mask: the rows of
+                      the union of the sequences' neurons, read in place (the lean step on a CPU);
+``cats_torch``        Caprese(CATS) ``cats_merged_ff``: every neuron computed, then masked (the torch reference);
 ``cats_gather``       Caprese(CATS) in torch reading active rows only: index_select, then GEMVs on the copies;
-``cats_op``           Caprese(CATS) through ``caprese_cpu::gated_ff`` with the threshold.
+``cats_op``           Caprese(CATS) through ``caprese_cpu::gated_ff`` with the threshold (the lean step on a CPU).
 CATS thresholds keep half the neurons of each sequence; GRIFFIN sequences each keep a random half of the
 neurons, with ``--griffin-overlap`` of them shared by all sequences (prompts of one batch select similar
 neurons). At batch > 1 the sparse ops read the union, reported as ``union``.
@@ -53,7 +55,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout that is not pip
 
 from benchmarks.common import RESULTS, run_metadata  # noqa: E402
 from caprese_peft.kernels import prepare_cats_weights  # noqa: E402
-from caprese_peft.kernels.cpu_ff import cats_ff_cpu, griffin_union_ff, griffin_union_weights, isa, load_extension  # noqa: E402
+from caprese_peft.kernels.cpu_ff import cats_ff_cpu, griffin_ff_cpu, isa, load_extension, prepare_dense_weights  # noqa: E402
 from caprese_peft.sparse_ff import cats_merged_ff, griffin_fused_ff, griffin_merged_weights, keep_indices  # noqa: E402
 
 SHAPES = {  # name: (hidden, intermediate, layers)
@@ -170,19 +172,16 @@ class Layer:
         self.gate_up = torch.cat([gate, up])  # (2F, D): DenseFF's fused weight
         self.down = down  # (D, F)
         self.cats = prepare_cats_weights(gate, up, down, self.left, self.right)  # neuron-major, + r
+        self.dense = prepare_dense_weights(gate, up, down)  # the same without the r
         self.ff = ff
-        self.griffin_union = None
+        self.keep = None
         self.griffin_merged = None
 
     def load_griffin(self, keep: torch.Tensor) -> None:
-        args = (self.cats.gate, self.cats.up[: self.ff], self.down, self.left, self.right)
-        self.griffin_union = griffin_union_weights(*args, keep)
+        self.keep = keep
+        args = (self.cats.gate, self.cats.up, self.down, self.left, self.right)
         merged = griffin_merged_weights(*args, keep_indices(keep))
         self.griffin_merged = (torch.cat([merged.gate, merged.up], dim=1).contiguous(), merged.down.contiguous())
-
-    def dense_args(self):
-        w = self.cats
-        return w.gate, w.up[: self.ff], w.down_t[: self.ff]  # contiguous views: rank 0, every neuron
 
 
 def variants(layers: list[Layer], x: torch.Tensor, thresholds: torch.Tensor, compile_: bool) -> dict[str, Callable]:
@@ -206,19 +205,18 @@ def variants(layers: list[Layer], x: torch.Tensor, thresholds: torch.Tensor, com
         w = layer.cats
         g = F.silu(x @ w.gate.T)  # (B, F)
         keep = g.abs() > thresholds[:, None]
-        idx = torch.cat([keep.any(0).nonzero()[:, 0], torch.arange(ff, w.up.shape[0])])
-        coef = torch.cat([(g * keep)[:, idx[idx < ff]], torch.ones(x.shape[0], w.rank, dtype=x.dtype)], dim=1)
-        h = (x @ w.up.index_select(0, idx).T) * coef
-        return h @ w.down_t.index_select(0, idx)
+        idx = keep.any(0).nonzero()[:, 0]
+        h = (x @ w.up.index_select(0, idx).T) * (g * keep)[:, idx]
+        return h @ w.down_t.index_select(0, idx) + (x @ w.low_up.T) @ w.low_down
 
     out = {
         "dense_torch": run(lambda layer: dense_step(x, layer.gate_up, layer.down)),
-        "dense_op": run(lambda layer: ops.gated_ff(x, *layer.dense_args(), None, None, ff, "silu")),
+        "dense_op": run(lambda layer: ops.gated_ff(x, *layer.dense.op_args(), None, None, "silu")),
         "dense_linear_op": run(lambda layer: _dense_linear_op(x, layer, ff)),
         "griffin_merged": run(
             lambda layer: griffin_fused_ff(x[:, None], layer.griffin_merged[0], layer.griffin_merged[1], k, F.silu)
         ),
-        "griffin_union_op": run(lambda layer: griffin_union_ff(x, layer.griffin_union, "silu", use_kernels=True)),
+        "griffin_union_op": run(lambda layer: griffin_ff_cpu(x, layer.cats, layer.keep, "silu", use_kernels=True)),
         "cats_torch": run(
             lambda layer: cats_merged_ff(x[:, None], *layer.cats.reference_args(), thresholds.view(-1, 1, 1), F.silu)
         ),
@@ -248,8 +246,8 @@ def bytes_read(name: str, layer: Layer, union_cats: float, batch: int) -> int:
     if name == "griffin_merged":
         return sum(t.nbytes for t in layer.griffin_merged)
     if name == "griffin_union_op":
-        u = layer.griffin_union
-        return u.gate.nbytes + u.up.nbytes + u.down_t.nbytes
+        union = int(layer.keep.any(0).sum())
+        return 3 * union * hidden * item + 2 * rank * hidden * item
     if name == "cats_torch":
         return dense + 2 * rank * hidden * item
     # cats_op and cats_gather: every gate row, then up and down rows of the union of active neurons and the r
@@ -348,7 +346,7 @@ def main() -> None:
                         "gbps_best": round(nbytes / (s_min / n_rot) / 1e9, 1),
                         "fraction_of_bandwidth": round(nbytes / (us * 1e-6) / 1e9 / bw, 2),
                         "union_cats": round(union_cats, 3) if name.startswith("cats") else None,
-                        "union_griffin": round(layers[0].griffin_union.intermediate_size / ff, 3)
+                        "union_griffin": round(int(layers[0].keep.any(0).sum()) / ff, 3)
                         if name.startswith("griffin")
                         else None,
                         "layers_in_rotation": n_rot,

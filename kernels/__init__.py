@@ -17,6 +17,7 @@ if __name__ == "caprese_peft.kernels":
         cats_ff_triton,
         gpu_down_configs,
         gpu_up_configs,
+        kernel_for,
         prepare_cats_weights,
         prune_by_registers,
     )
@@ -31,6 +32,7 @@ if __name__ == "caprese_peft.kernels":
         "cats_ff_triton",
         "gpu_down_configs",
         "gpu_up_configs",
+        "kernel_for",
         "prepare_cats_weights",
         "prune_by_registers",
     ]

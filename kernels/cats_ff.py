@@ -439,6 +439,40 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
+def kernel_for(x: torch.Tensor, weights: CatsFFWeights, tokens: int, use_kernels: bool | None) -> str | None:
+    """Which kernel ``cats_ff`` runs for ``x``: ``"triton"``, ``"cpu"`` (``cpu_ff``'s C++ op) or None (torch).
+
+    None (auto): Triton for CUDA inputs it takes, the C++ op for CPU inputs where it builds; True demands a kernel
+    (Triton on CUDA or, under ``TRITON_INTERPRET=1``, on a CPU; else the C++ op) and raises where none can run.
+    """
+    if use_kernels is False:
+        return None
+    batch = x.shape[0]
+    triton_fits = tokens == 1 and 1 <= batch <= MAX_BATCH and x.dtype in SUPPORTED_DTYPES
+    why_not = f"{batch} sequences x {tokens} tokens of {x.dtype}"
+    if x.is_cuda or (use_kernels and INTERPRET):
+        if triton_fits:
+            return "triton"
+        if use_kernels:
+            raise ValueError(
+                f"use_kernels=True, but the kernel takes one token for each of at most {MAX_BATCH} sequences in "
+                f"{[str(d) for d in SUPPORTED_DTYPES]}, got {why_not}."
+            )
+        _warn_once(
+            f"cats_ff: the Triton kernel takes one token for each of at most {MAX_BATCH} sequences in "
+            f"{[str(d) for d in SUPPORTED_DTYPES]}; running the slower torch reference for {why_not}."
+        )
+        return None
+    from . import cpu_ff
+
+    problem = cpu_ff.op_problem(x.reshape(batch, -1), *weights.op_args()) if tokens == 1 else "several tokens"
+    if problem is None and cpu_ff.available():
+        return "cpu"
+    if use_kernels:
+        raise ValueError(f"use_kernels=True, but no kernel runs here: {problem or cpu_ff.build_error()}.")
+    return None
+
+
 def cats_ff(
     x: torch.Tensor,
     weights: CatsFFWeights,
@@ -447,12 +481,11 @@ def cats_ff(
     *,
     use_kernels: bool | None = None,
 ) -> torch.Tensor:
-    """CATS + low rank for decode tokens: the Triton op on CUDA tensors, ``cats_merged_ff`` otherwise.
+    """CATS + low rank for decode tokens: the Triton op on CUDA, the C++ op on a CPU, ``cats_merged_ff`` otherwise.
 
     ``x`` is ``(B, D)`` or ``(B, T, D)``; ``threshold`` holds one value per sequence (``(B,)`` or ``(B, 1, 1)``).
-    ``use_kernels``: None picks the op for CUDA inputs it supports (one token per sequence, ``B <= 8``) and
-    warns once when a CUDA input falls back; True demands the op (CUDA, or CPU under ``TRITON_INTERPRET=1``)
-    and raises where it cannot run; False always runs the torch reference.
+    ``use_kernels``: see ``kernel_for``; False always runs the torch reference. Every path reads the up and down rows
+    only of neurons some sequence keeps, except the reference, which computes every neuron and masks.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
@@ -462,33 +495,16 @@ def cats_ff(
     tokens = 1 if x.dim() == 2 else x.shape[1]
     if threshold.numel() != batch:
         raise ValueError(f"threshold needs one value per sequence ({batch}), got shape {tuple(threshold.shape)}.")
-    kernel_fits = tokens == 1 and 1 <= batch <= MAX_BATCH and x.dtype in SUPPORTED_DTYPES
-    why_not = f"{batch} sequences x {tokens} tokens of {x.dtype}"
-
-    if use_kernels is None:
-        use_kernels = x.is_cuda and kernel_fits
-        if x.is_cuda and not kernel_fits:
-            _warn_once(
-                f"cats_ff: the Triton kernel takes one token for each of at most {MAX_BATCH} sequences in "
-                f"{[str(d) for d in SUPPORTED_DTYPES]}; running the slower torch reference for {why_not}."
-            )
-    elif use_kernels:
-        if not kernel_fits:
-            raise ValueError(
-                f"use_kernels=True, but the kernel takes one token for each of at most {MAX_BATCH} sequences in "
-                f"{[str(d) for d in SUPPORTED_DTYPES]}, got {why_not}."
-            )
-        if not x.is_cuda and not INTERPRET:
-            raise ValueError(
-                f"use_kernels=True needs CUDA tensors, or TRITON_INTERPRET=1 set before importing kernels; x is on "
-                f"{x.device}."
-            )
-
-    if use_kernels:
+    kernel = kernel_for(x, weights, tokens, use_kernels)
+    if kernel == "triton":
         out = torch.ops.caprese.cats_ff(
             x.reshape(batch, hidden), *weights.op_args(), threshold.reshape(batch).float(), activation
         )  # (B, D)
         return out.view(x.shape)
+    if kernel == "cpu":
+        from .cpu_ff import cats_ff_cpu
+
+        return cats_ff_cpu(x.reshape(batch, hidden), weights, threshold, activation, use_kernels=True).view(x.shape)
     out = cats_merged_ff(
         x.reshape(batch, tokens, hidden),
         *weights.reference_args(),

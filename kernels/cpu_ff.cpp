@@ -351,7 +351,8 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight) {
 }
 
 // ---- gated_ff: sum over kept neurons i of act(x . gate_i) * (x . up_i) * down_t_i, plus the r low-rank
-// neurons (i >= F) with their gate fixed to 1. Neuron i is kept for row b where
+// neurons (i >= F, rows low_up[i - F] and low_down[i - F]) with their gate fixed to 1. Neuron i is kept for row b
+// where
 //   threshold given: |act(x_b . gate_i)| > threshold[b]   (CATS)
 //   keep given:      keep[b, i] != 0                         (GRIFFIN over the union of the rows' neurons)
 //   neither:         always                                  (dense) ----
@@ -364,31 +365,57 @@ struct FFArgs {
   Activation act;
 };
 
+// values rounded to T and back (bf16, fp16): what a torch op producing a T tensor stores
+template <typename T>
+inline void round_to(float* v, int64_t n) {
+  if constexpr (!std::is_same_v<T, float>) {
+    for (int64_t k = 0; k < n; ++k) v[k] = static_cast<float>(static_cast<T>(v[k]));
+  }
+}
+
+// the up and down rows of neuron i: the FF weights' for i < F, the low-rank factors' after them
+template <typename T>
+struct Rows {
+  const T *gate, *up, *low_up, *down_t, *low_down;
+  int64_t ff_size, hidden;
+  const T* up_row(int64_t i) const { return i < ff_size ? up + i * hidden : low_up + (i - ff_size) * hidden; }
+  const T* down_row(int64_t i) const { return i < ff_size ? down_t + i * hidden : low_down + (i - ff_size) * hidden; }
+};
+
 template <int B, typename T>
-void gated_ff_range(const FFArgs& a, const T* gate, const T* up, const T* down_t, int64_t begin, int64_t end,
-                    float* acc) {
+void gated_ff_range(const FFArgs& a, const Rows<T>& w, int64_t begin, int64_t end, float* acc) {
   const int64_t D = a.hidden;
+  const T* gate = w.gate;
   float pre[kTile * B];     // gate pre-activations, then coefficients, of the tile's neurons, [j * B + b]
   float z[kTile * B];       // coefficient * up output of the active neurons, [slot * B + b]
   const T* rows[kTile];
   const T* down_rows[kTile + kGroup];
-  int64_t active[kTile];
+  int64_t active[kTile];  // the tile's neurons some row keeps
+  int64_t slot[kTile];    // where each active neuron's coefficients are in pre
+  int64_t gated[kTile];   // the tile's FF neurons whose gate is computed
   for (int64_t t0 = begin; t0 < end; t0 += kTile) {
     const int64_t t1 = std::min(end, t0 + kTile);
     int64_t n_active = 0;
-    // 1. gate GEMV over the tile's FF neurons, one vectorised activation, then keep decisions; the low-rank
-    //    neurons (i >= F) are always kept with gate 1
+    // 1. gate GEMV over the tile's FF neurons (given a keep mask, only those some row keeps: GRIFFIN reads no gate
+    //    row of a pruned neuron), one vectorised activation, then keep decisions; the low-rank neurons (i >= F) are
+    //    always kept with gate 1
     const int64_t ff_end = std::min(t1, std::max(t0, a.ff_size));
-    for (int64_t i = t0; i < ff_end; ++i) rows[i - t0] = gate + i * D;
-    dot_many<B>(a.x, D, rows, ff_end - t0, D, pre);
-    activate(pre, (ff_end - t0) * B, a.act);
-    for (int64_t i = t0; i < t1; ++i) {
-      float* c = pre + (i - t0) * B;
-      if (i >= a.ff_size) {
-        for (int b = 0; b < B; ++b) c[b] = 1.0f;
-        active[n_active++] = i;
-        continue;
+    int64_t n_gated = 0;
+    for (int64_t i = t0; i < ff_end; ++i) {
+      bool any = a.keep == nullptr;
+      for (int b = 0; !any && b < B; ++b) any = a.keep[b * a.ff_size + i] != 0;
+      if (any) {
+        gated[n_gated] = i;
+        rows[n_gated++] = gate + i * D;
       }
+    }
+    dot_many<B>(a.x, D, rows, n_gated, D, pre);
+    round_to<T>(pre, n_gated * B);  // the gate as torch computes it in T: the same keep decisions
+    activate(pre, n_gated * B, a.act);
+    round_to<T>(pre, n_gated * B);
+    for (int64_t g = 0; g < n_gated; ++g) {
+      const int64_t i = gated[g];
+      float* c = pre + g * B;
       bool any = false;
       for (int b = 0; b < B; ++b) {
         bool kept = true;
@@ -397,15 +424,23 @@ void gated_ff_range(const FFArgs& a, const T* gate, const T* up, const T* down_t
         c[b] = kept ? c[b] : 0.0f;
         any = any || kept;
       }
-      if (any) active[n_active++] = i;
+      if (any) {
+        slot[n_active] = g;
+        active[n_active++] = i;
+      }
+    }
+    for (int64_t i = std::max(t0, a.ff_size); i < t1; ++i) {  // the low-rank neurons
+      for (int b = 0; b < B; ++b) pre[n_gated * B + b] = 1.0f;
+      slot[n_active] = n_gated++;
+      active[n_active++] = i;
     }
     // 2. up rows of the active neurons only
-    for (int64_t s = 0; s < n_active; ++s) rows[s] = up + active[s] * D;
-    dot_many<B>(a.x, D, rows, n_active, D, z, n_active > 0 ? down_t + active[0] * D : nullptr);
+    for (int64_t s = 0; s < n_active; ++s) rows[s] = w.up_row(active[s]);
+    dot_many<B>(a.x, D, rows, n_active, D, z, n_active > 0 ? w.down_row(active[0]) : nullptr);
     for (int64_t s = 0; s < n_active; ++s) {
-      const float* c = pre + (active[s] - t0) * B;
+      const float* c = pre + slot[s] * B;
       for (int b = 0; b < B; ++b) z[s * B + b] *= c[b];
-      down_rows[s] = down_t + active[s] * D;
+      down_rows[s] = w.down_row(active[s]);
     }
     // 3. down rows of the active neurons, kGroup at a time; a short last group repeats a row with coefficient 0
     for (int64_t s = n_active; s % kGroup != 0; ++s) {
@@ -421,14 +456,14 @@ void gated_ff_range(const FFArgs& a, const T* gate, const T* up, const T* down_t
 }
 
 template <int B, typename T>
-void gated_ff_tile(const FFArgs& a, const T* gate, const T* up, const T* down_t, float* out) {
+void gated_ff_tile(const FFArgs& a, const Rows<T>& w, float* out) {
   const int64_t D = a.hidden;
   const int threads = at::get_num_threads();
   std::vector<float> partial(static_cast<size_t>(threads) * B * D, 0.0f);
   // grain: below ~4 tiles per thread the fork costs more than it saves
   at::parallel_for(0, a.n_neurons, 4 * kTile, [&](int64_t begin, int64_t end) {
     float* acc = partial.data() + static_cast<size_t>(at::get_thread_num()) * B * D;
-    gated_ff_range<B>(a, gate, up, down_t, begin, end, acc);
+    gated_ff_range<B>(a, w, begin, end, acc);
   });
   for (int64_t k = 0; k < B * D; ++k) {
     float s = 0.0f;
@@ -437,20 +472,23 @@ void gated_ff_tile(const FFArgs& a, const T* gate, const T* up, const T* down_t,
   }
 }
 
-at::Tensor gated_ff_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down_t,
+at::Tensor gated_ff_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& low_up,
+                        const at::Tensor& down_t, const at::Tensor& low_down,
                         const c10::optional<at::Tensor>& threshold, const c10::optional<at::Tensor>& keep,
-                        int64_t ff_size, c10::string_view activation) {
+                        c10::string_view activation) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "caprese_cpu::gated_ff: x must be (B, D) on the CPU, got ",
               x.sizes());
-  const int64_t batch = x.size(0), hidden = x.size(1);
+  const int64_t batch = x.size(0), hidden = x.size(1), ff_size = gate.size(0), rank = low_up.size(0);
   check_weight(gate, x, "gate", hidden);
   check_weight(up, x, "up", hidden);
   check_weight(down_t, x, "down_t", hidden);
-  TORCH_CHECK(gate.size(0) == ff_size, "caprese_cpu::gated_ff: gate must have ff_size=", ff_size, " rows, got ",
-              gate.size(0));
-  TORCH_CHECK(up.size(0) == down_t.size(0) && up.size(0) >= ff_size,
-              "caprese_cpu::gated_ff: up and down_t must both have ff_size + r rows, got ", up.size(0), " and ",
-              down_t.size(0));
+  check_weight(low_up, x, "low_up", hidden);
+  check_weight(low_down, x, "low_down", hidden);
+  TORCH_CHECK(up.size(0) == ff_size && down_t.size(0) == ff_size,
+              "caprese_cpu::gated_ff: gate, up and down_t must all have F rows, got ", ff_size, ", ", up.size(0),
+              " and ", down_t.size(0));
+  TORCH_CHECK(low_down.size(0) == rank, "caprese_cpu::gated_ff: low_up and low_down must both have r rows, got ",
+              rank, " and ", low_down.size(0));
   TORCH_CHECK(!(threshold.has_value() && keep.has_value()), "caprese_cpu::gated_ff: threshold or keep, not both");
   at::Tensor thr, kp;
   if (threshold.has_value()) {
@@ -472,17 +510,17 @@ at::Tensor gated_ff_cpu(const at::Tensor& x, const at::Tensor& gate, const at::T
              rows,
              hidden,
              ff_size,
-             up.size(0),
+             ff_size + rank,
              thr.defined() ? thr.data_ptr<float>() + b0 : nullptr,
              kp.defined() ? kp.data_ptr<uint8_t>() + b0 * ff_size : nullptr,
              act};
     float* o = out.data_ptr<float>() + b0 * hidden;
     with_dtype(x.scalar_type(), [&](auto* tag) {
       using scalar_t = std::remove_pointer_t<decltype(tag)>;
-      const scalar_t* g = gate.data_ptr<scalar_t>();
-      const scalar_t* u = up.data_ptr<scalar_t>();
-      const scalar_t* dn = down_t.data_ptr<scalar_t>();
-      with_batch(rows, [&](auto r) { gated_ff_tile<decltype(r)::value>(a, g, u, dn, o); });
+      const Rows<scalar_t> w{gate.data_ptr<scalar_t>(),   up.data_ptr<scalar_t>(),       low_up.data_ptr<scalar_t>(),
+                             down_t.data_ptr<scalar_t>(), low_down.data_ptr<scalar_t>(), ff_size,
+                             hidden};
+      with_batch(rows, [&](auto r) { gated_ff_tile<decltype(r)::value>(a, w, o); });
     });
   }
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
@@ -495,8 +533,8 @@ std::string isa() { return kIsa; }
 TORCH_LIBRARY(caprese_cpu, m) {
   m.def("linear(Tensor x, Tensor weight) -> Tensor");
   m.def(
-      "gated_ff(Tensor x, Tensor gate, Tensor up, Tensor down_t, Tensor? threshold, Tensor? keep, int ff_size, "
-      "str activation) -> Tensor");
+      "gated_ff(Tensor x, Tensor gate, Tensor up, Tensor low_up, Tensor down_t, Tensor low_down, Tensor? threshold, "
+      "Tensor? keep, str activation) -> Tensor");
   m.def("isa() -> str", &isa);
 }
 

@@ -5,11 +5,11 @@ on the machine that runs it, cached under ``TORCH_EXTENSIONS_DIR``; about 18 s t
 registers two ``torch.library`` ops, so ``torch.compile`` traces them as opaque calls:
 
 - ``torch.ops.caprese_cpu.linear(x, weight)``: ``x (B, D) @ weight (N, D)^T``, fp32 accumulation;
-- ``torch.ops.caprese_cpu.gated_ff(x, gate, up, down_t, threshold, keep, ff_size, activation)``: the gated MLP
-  over the neuron-major layout of ``caprese_peft.kernels.cats_ff`` (``gate (F, D)``, ``up (F + r, D)``, ``down_t (F + r, D)``,
-  the last ``r`` rows the low-rank neurons with gate 1), keeping neuron ``i`` for row ``b`` where
-  ``|act(gate)| > threshold[b]`` (CATS), where ``keep[b, i]`` (GRIFFIN on the union of the rows' neurons), or
-  always (dense). Up and down rows of a neuron no row keeps are never read.
+- ``torch.ops.caprese_cpu.gated_ff(x, gate, up, low_up, down_t, low_down, threshold, keep, activation)``: the
+  gated MLP over the neuron-major layout of ``caprese_peft.kernels.CatsFFWeights`` (``gate, up, down_t (F, D)``
+  and the ``r`` low-rank neurons ``low_up = L^T``, ``low_down = R`` with gate 1), keeping neuron ``i`` for row
+  ``b`` where ``|act(gate)| > threshold[b]`` (CATS), where ``keep[b, i]`` (GRIFFIN on the union of the rows'
+  neurons), or always (dense). Up and down rows of a neuron no row keeps are never read.
 
 Each op has a pure-torch reference here (``linear_reference``, ``gated_ff_reference``), itself checked against
 the specifications in ``caprese_peft.sparse_ff``; the public functions take ``use_kernels`` like ``caprese_peft.kernels.cats_ff``:
@@ -24,13 +24,13 @@ import os
 import platform
 import threading
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from caprese_peft.sparse_ff import ACTIVATIONS, check_ff_weights, keep_indices
+from ..sparse_ff import ACTIVATIONS
 
 SOURCE = Path(__file__).with_name("cpu_ff.cpp")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -117,8 +117,13 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape[0], weight.shape[0])
 
     @torch.library.register_fake("caprese_cpu::gated_ff")
-    def _gated_ff_fake(x, gate, up, down_t, threshold, keep, ff_size, activation) -> torch.Tensor:
+    def _gated_ff_fake(x, gate, up, low_up, down_t, low_down, threshold, keep, activation) -> torch.Tensor:
         return torch.empty_like(x)
+
+
+def available() -> bool:
+    """Whether the C++ ops are built and loaded (building them on first use)."""
+    return load_extension()
 
 
 def _use_op(use_kernels: bool | None, applies: bool, why_not: str) -> bool:
@@ -133,18 +138,19 @@ def _use_op(use_kernels: bool | None, applies: bool, why_not: str) -> bool:
     return True
 
 
-def _op_applies(x: torch.Tensor, *weights: torch.Tensor) -> tuple[bool, str]:
+def op_problem(x: torch.Tensor, *weights: torch.Tensor) -> str | None:
+    """Why the CPU ops cannot compute ``x (B, D)`` with ``weights``, or None when they can."""
     if x.device.type != "cpu" or any(w.device.type != "cpu" for w in weights):
-        return False, "tensors are not all on the CPU"
+        return "tensors are not all on the CPU"
     if x.dim() != 2:
-        return False, f"x must be (B, D), got {tuple(x.shape)}"
+        return f"x must be (B, D), got {tuple(x.shape)}"
     if x.dtype not in SUPPORTED_DTYPES or any(w.dtype != x.dtype for w in weights):
-        return False, f"x and weights must share one of {SUPPORTED_DTYPES}"
+        return f"x and weights must share one of {SUPPORTED_DTYPES}"
     if not all(w.is_contiguous() for w in weights):
-        return False, "weights must be contiguous"
+        return "weights must be contiguous"
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
-        return False, "the ops have no backward; call them under torch.no_grad()"
-    return True, ""
+        return "the ops have no backward; call them under torch.no_grad()"
+    return None
 
 
 # ---- linear ----
@@ -158,108 +164,82 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor, *, use_kernels: bool | None = None) -> torch.Tensor:
     """``F.linear(x, weight)`` without bias for decode-sized ``x (..., D)``: the C++ GEMV where it applies."""
     flat = x.reshape(-1, x.shape[-1])
-    applies, why_not = _op_applies(flat, weight)
-    if _use_op(use_kernels, applies, why_not):
+    problem = op_problem(flat, weight)
+    if _use_op(use_kernels, problem is None, problem or ""):
         return torch.ops.caprese_cpu.linear(flat, weight).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
 
 
-# ---- gated FF: the torch reference ----
+# ---- gated FF ----
 
 
 def gated_ff_reference(
     x: torch.Tensor,
-    gate: torch.Tensor,
-    up: torch.Tensor,
-    down_t: torch.Tensor,
-    ff_size: int,
+    weights: Any,
     activation: str,
     threshold: torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """What ``caprese_cpu::gated_ff`` computes, in torch and fp32: ``(B, D) -> (B, D)`` in ``x``'s dtype.
 
-    Equals ``cats_merged_ff`` (threshold), ``griffin_merged_ff`` (keep over union weights) or the dense gated
-    MLP (neither) on the same weights; the tests check both links.
+    ``weights`` has ``op_args()`` as ``CatsFFWeights``. Equals ``cats_merged_ff`` (threshold), ``griffin_merged_ff``
+    (keep over union weights) or the dense gated MLP (neither); the tests check each link.
     """
-    act = ACTIVATIONS[activation]
+    gate, up, low_up, down_t, low_down = (w.float() for w in weights.op_args())
     xf = x.float()
-    g = act(xf @ gate.float().T)  # (B, F)
+    g = ACTIVATIONS[activation](xf @ gate.T)  # (B, F)
     if threshold is not None:
         g = g * (g.abs() > threshold.float().view(-1, 1))
     elif keep is not None:
         g = g * keep.bool()
-    h = xf @ up.float().T  # (B, F + r)
-    z = torch.cat([g * h[:, :ff_size], h[:, ff_size:]], dim=-1)
-    return (z @ down_t.float()).to(x.dtype)
+    return ((g * (xf @ up.T)) @ down_t + (xf @ low_up.T) @ low_down).to(x.dtype)
 
 
 def gated_ff(
     x: torch.Tensor,
-    gate: torch.Tensor,
-    up: torch.Tensor,
-    down_t: torch.Tensor,
-    ff_size: int,
+    weights: Any,
     activation: str,
     threshold: torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
     *,
     use_kernels: bool | None = None,
 ) -> torch.Tensor:
-    """The fused gated FF block on decode tokens ``x (B, D)``: the C++ op where it applies, else the reference."""
+    """The fused gated FF block on decode tokens ``x (B, D)``: the C++ op where it applies, else the reference.
+
+    ``weights``: ``CatsFFWeights`` (anything with ``op_args()``).
+    """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
     if threshold is not None and keep is not None:
         raise ValueError("Pass threshold (CATS) or keep (GRIFFIN), not both.")
-    applies, why_not = _op_applies(x, gate, up, down_t)
-    if _use_op(use_kernels, applies, why_not):
-        return torch.ops.caprese_cpu.gated_ff(x, gate, up, down_t, threshold, keep, ff_size, activation)
-    return gated_ff_reference(x, gate, up, down_t, ff_size, activation, threshold, keep)
+    args = weights.op_args()
+    problem = op_problem(x, *args)
+    if _use_op(use_kernels, problem is None, problem or ""):
+        return torch.ops.caprese_cpu.gated_ff(x, *args, threshold, keep, activation)
+    return gated_ff_reference(x, weights, activation, threshold, keep)
 
 
 # ---- the three uses: dense, CATS, GRIFFIN past batch 1 ----
 
 
-@dataclass(frozen=True)
-class GatedFFWeights:
-    """Neuron-major gated-MLP weights: ``gate (F, D)``, ``up (F + r, D)``, ``down_t (F + r, D)``.
+def prepare_dense_weights(gate_weight: torch.Tensor, up_weight: torch.Tensor, down_weight: torch.Tensor) -> Any:
+    """The dense MLP in the fused op's layout (``CatsFFWeights`` with no low-rank neurons): ``Wg`` and ``W1`` in
+    place, a contiguous copy of ``W2^T`` (do it once, not per step)."""
+    from .cats_ff import prepare_cats_weights
 
-    The same layout as ``caprese_peft.kernels.CatsFFWeights`` (which can be passed wherever this is taken).
-    """
-
-    gate: torch.Tensor
-    up: torch.Tensor
-    down_t: torch.Tensor
-    intermediate_size: int
-
-    @property
-    def rank(self) -> int:
-        return self.up.shape[0] - self.intermediate_size
-
-
-def prepare_dense_weights(
-    gate_weight: torch.Tensor, up_weight: torch.Tensor, down_weight: torch.Tensor
-) -> GatedFFWeights:
-    """The dense MLP in the fused op's layout: a contiguous copy of ``W2^T`` (do it once, not per step)."""
     load_extension()
-    with torch.no_grad():
-        return GatedFFWeights(
-            gate=gate_weight.detach().contiguous(),
-            up=up_weight.detach().contiguous(),
-            down_t=down_weight.detach().T.contiguous(),
-            intermediate_size=gate_weight.shape[0],
-        )
+    # two empty factors of their own: tensors sharing storage would alias inside a compiled region
+    left, right = up_weight.new_zeros(up_weight.shape[1], 0), up_weight.new_zeros(0, up_weight.shape[1])
+    return prepare_cats_weights(gate_weight, up_weight, down_weight, left, right)
 
 
-def dense_ff(x: torch.Tensor, weights: GatedFFWeights, activation: str, *, use_kernels: bool | None = None):
+def dense_ff(x: torch.Tensor, weights: Any, activation: str, *, use_kernels: bool | None = None) -> torch.Tensor:
     """The unmodified gated MLP ``down(act(gate(x)) * up(x))`` for ``x (B, D)``, one pass over the weights."""
-    return gated_ff(
-        x, weights.gate, weights.up, weights.down_t, weights.intermediate_size, activation, use_kernels=use_kernels
-    )
+    return gated_ff(x, weights, activation, use_kernels=use_kernels)
 
 
 def cats_ff_cpu(
-    x: torch.Tensor, weights, threshold: torch.Tensor, activation: str, *, use_kernels: bool | None = None
+    x: torch.Tensor, weights: Any, threshold: torch.Tensor, activation: str, *, use_kernels: bool | None = None
 ) -> torch.Tensor:
     """CATS + low rank on ``x (B, D)`` with ``caprese_peft.kernels.CatsFFWeights``; ``threshold (B,)``, one per sequence.
 
@@ -269,83 +249,20 @@ def cats_ff_cpu(
     threshold = threshold.reshape(-1).float()
     if threshold.numel() != x.shape[0]:
         raise ValueError(f"threshold needs one value per sequence ({x.shape[0]}), got {tuple(threshold.shape)}.")
-    return gated_ff(
-        x,
-        weights.gate,
-        weights.up,
-        weights.down_t,
-        weights.intermediate_size,
-        activation,
-        threshold=threshold,
-        use_kernels=use_kernels,
-    )
+    return gated_ff(x, weights, activation, threshold=threshold, use_kernels=use_kernels)
 
 
-@dataclass(frozen=True)
-class GriffinUnionWeights:
-    """GRIFFIN weights of a prompt batch: the rows of the union ``U`` of the sequences' kept neurons, gathered.
-
-    ``gate (n, D)``, ``up (n + r, D)``, ``down_t (n + r, D)`` for the ``n = |U|`` neurons (then ``L^T`` and
-    ``R``), and ``keep (B, n)`` uint8: which of them each sequence keeps. At batch 1 ``n = k`` and this is the
-    merged weights of appendix D; at batch B the rows are read once for all sequences.
-    """
-
-    gate: torch.Tensor
-    up: torch.Tensor
-    down_t: torch.Tensor
-    keep: torch.Tensor
-    neurons: torch.Tensor  # (n,) int64: the union's indices into the F neurons, sorted
-
-    @property
-    def intermediate_size(self) -> int:
-        return self.gate.shape[0]
-
-
-def griffin_union_weights(
-    gate_weight: torch.Tensor,
-    up_weight: torch.Tensor,
-    down_weight: torch.Tensor,
-    low_rank_left: torch.Tensor,
-    low_rank_right: torch.Tensor,
-    keep: torch.Tensor,
-) -> GriffinUnionWeights:
-    """Gather the union of the kept neurons of ``keep (B, F)`` or ``(B, 1, F)`` (bool) once per prompt batch.
-
-    ``Wg, W1 (F, D)``, ``W2 (D, F)``, ``L (D, r)``, ``R (r, D)``; pass ``L[:, :0]``, ``R[:0]`` for the backbone
-    alone.
-    """
-    check_ff_weights(gate_weight, up_weight, down_weight, low_rank_left, low_rank_right)
-    load_extension()
-    keep = keep.reshape(keep.shape[0], -1)
-    keep_indices(keep)  # validates: bool, the same count per row, as the merged reference requires
-    with torch.no_grad():
-        neurons = keep.any(dim=0).nonzero()[:, 0]  # (n,) sorted
-        gate = gate_weight.detach()[neurons].contiguous()
-        up = torch.cat([up_weight.detach()[neurons], low_rank_left.detach().T]).contiguous()
-        down_t = torch.cat([down_weight.detach().T[neurons], low_rank_right.detach()]).contiguous()
-        return GriffinUnionWeights(
-            gate=gate, up=up, down_t=down_t, keep=keep[:, neurons].to(torch.uint8).contiguous(), neurons=neurons
-        )
-
-
-def griffin_union_ff(
-    x: torch.Tensor, weights: GriffinUnionWeights, activation: str, *, use_kernels: bool | None = None
+def griffin_ff_cpu(
+    x: torch.Tensor, weights: Any, keep: torch.Tensor, activation: str, *, use_kernels: bool | None = None
 ) -> torch.Tensor:
-    """GRIFFIN + low rank on ``x (B, D)``: each sequence uses only its own kept neurons among the union's rows.
+    """GRIFFIN + low rank on ``x (B, D)``: each sequence uses only the neurons it keeps (``keep (B, F)`` bool).
 
-    Specification: ``caprese_peft.sparse_ff.griffin_merged_ff`` on ``griffin_merged_weights``. At batch 1 no mask
-    is needed (every gathered neuron is kept), so none is passed.
+    ``weights``: ``caprese_peft.kernels.CatsFFWeights`` of the whole block. The gate, up and down rows of the union
+    of the sequences' kept neurons are read once for all of them; a row no sequence keeps is never read, so at batch
+    1 this reads what the merged weights of appendix D hold, without gathering them. Specification:
+    ``caprese_peft.sparse_ff.griffin_merged_ff`` on ``griffin_merged_weights``.
     """
-    if x.shape[0] != weights.keep.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} sequences, the GRIFFIN weights were built for {weights.keep.shape[0]}.")
-    keep = None if weights.keep.shape[0] == 1 else weights.keep
-    return gated_ff(
-        x,
-        weights.gate,
-        weights.up,
-        weights.down_t,
-        weights.intermediate_size,
-        activation,
-        keep=keep,
-        use_kernels=use_kernels,
-    )
+    keep = keep.reshape(keep.shape[0], -1)
+    if keep.shape != (x.shape[0], weights.gate.shape[0]):
+        raise ValueError(f"keep must be (B, F) = ({x.shape[0]}, {weights.gate.shape[0]}), got {tuple(keep.shape)}.")
+    return gated_ff(x, weights, activation, keep=keep.to(torch.uint8), use_kernels=use_kernels)

@@ -15,13 +15,13 @@ from caprese_peft.kernels.cpu_ff import (
     dense_ff,
     gated_ff,
     gated_ff_reference,
-    griffin_union_ff,
-    griffin_union_weights,
+    griffin_ff_cpu,
     linear,
     linear_reference,
     load_extension,
     prepare_dense_weights,
 )
+from caprese_peft.kernels.problems import ff_problem
 from caprese_peft.sparse_ff import ACTIVATIONS, cats_merged_ff, griffin_merged_ff, griffin_merged_weights, keep_indices
 
 D, FF, R = 72, 200, 8  # odd sizes: no vector width or tile divides them
@@ -40,15 +40,7 @@ def randn(gen: torch.Generator, *shape: int, scale: float, dtype: torch.dtype) -
 
 def make_problem(batch: int, dtype: torch.dtype, seed: int, hidden: int = D, ff: int = FF, rank: int = R):
     """Random x ``(B, D)`` and ``(Wg, W1, W2, L, R)`` in ``dtype``, gate pre-activations O(1); never zeros."""
-    gen = torch.Generator().manual_seed(seed)
-    weights = (
-        randn(gen, ff, hidden, scale=hidden**-0.5, dtype=dtype),
-        randn(gen, ff, hidden, scale=hidden**-0.5, dtype=dtype),
-        randn(gen, hidden, ff, scale=ff**-0.5, dtype=dtype),
-        randn(gen, hidden, rank, scale=hidden**-0.5, dtype=dtype),
-        randn(gen, rank, hidden, scale=max(rank, 1) ** -0.5, dtype=dtype),
-    )
-    return randn(gen, batch, hidden, scale=1.0, dtype=dtype), weights
+    return ff_problem(batch, hidden, ff, rank, dtype=dtype, seed=seed)
 
 
 def half_threshold(x: torch.Tensor, gate_weight: torch.Tensor, act) -> torch.Tensor:
@@ -103,16 +95,14 @@ def test_reference_is_cats_merged_ff(act_name):
     act = ACTIVATIONS[act_name]
     x, weights = make_problem(3, torch.float32, seed=1)
     threshold = half_threshold(x, weights[0], act)
-    w = prepare_cats_weights(*weights)
-    out = gated_ff_reference(x, w.gate, w.up, w.down_t, FF, act_name, threshold=threshold)
+    out = gated_ff_reference(x, prepare_cats_weights(*weights), act_name, threshold=threshold)
     torch.testing.assert_close(out, cats_spec(x, weights, threshold, act), rtol=1e-5, atol=1e-5)
 
 
 def test_reference_is_griffin_merged_ff():
     x, weights = make_problem(4, torch.float32, seed=2)
     keep = griffin_keep(4, FF, 60, seed=2)
-    w = griffin_union_weights(*weights, keep)
-    out = gated_ff_reference(x, w.gate, w.up, w.down_t, w.intermediate_size, "silu", keep=w.keep)
+    out = gated_ff_reference(x, prepare_cats_weights(*weights), "silu", keep=keep)
     torch.testing.assert_close(out, griffin_spec(x, weights, keep, F.silu), rtol=1e-5, atol=1e-5)
 
 
@@ -162,8 +152,8 @@ def test_cats_rows_no_sequence_keeps_are_never_read(dtype):
     prepared = prepare_cats_weights(*weights)
     unused = ~(F.silu(x.float() @ weights[0].float().T).abs() > threshold[:, None]).any(dim=0)  # (F,)
     assert 10 < unused.sum() < FF // 2
-    prepared.up[:FF][unused] = float("nan")  # any read of these rows would turn the output into nan
-    prepared.down_t[:FF][unused] = float("nan")
+    prepared.up[unused] = float("nan")  # any read of these rows would turn the output into nan
+    prepared.down_t[unused] = float("nan")
     assert_close(cats_ff_cpu(x, prepared, threshold, "silu", use_kernels=True), expected, dtype)
 
 
@@ -189,37 +179,31 @@ def test_cats_rank_zero_is_plain_cats():
 @requires_op
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_griffin_union_matches_griffin_merged_ff(dtype, batch):
+def test_griffin_matches_griffin_merged_ff(dtype, batch):
     act_name = "gelu_tanh" if batch % 2 else "silu"
     act = ACTIVATIONS[act_name]
     x, weights = make_problem(batch, dtype, seed=20 + batch)
     keep = griffin_keep(batch, FF, 70, seed=batch)
-    union = griffin_union_weights(*weights, keep)
-    assert union.intermediate_size == int(keep.any(0).sum())
-    out = griffin_union_ff(x, union, act_name, use_kernels=True)
+    out = griffin_ff_cpu(x, prepare_cats_weights(*weights), keep, act_name, use_kernels=True)
     assert_close(out, griffin_spec(x, weights, keep, act), dtype)
 
 
 @requires_op
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_griffin_union_reads_union_rows_and_masks_per_sequence(dtype):
-    """Rows outside the union are never read; a neuron another sequence keeps adds nothing to this one."""
+def test_griffin_reads_the_union_s_rows_only_and_masks_per_sequence(dtype):
+    """No gate, up or down row outside the union is read; a neuron another sequence keeps adds nothing to this one."""
     x, weights = make_problem(3, dtype, seed=31)
     keep = griffin_keep(3, FF, 40, seed=31)
     outside = ~keep.any(0)
     assert outside.sum() > 0
-    poisoned = [w.clone() for w in weights]
-    poisoned[0][outside] = float("nan")
-    poisoned[1][outside] = float("nan")
-    poisoned[2][:, outside] = float("nan")
-    union = griffin_union_weights(*poisoned, keep)
-    out = griffin_union_ff(x, union, "silu", use_kernels=True)
+    prepared = prepare_cats_weights(*[w.clone() for w in weights])
+    for rows in (prepared.gate, prepared.up, prepared.down_t):
+        rows[outside] = float("nan")
+    out = griffin_ff_cpu(x, prepared, keep, "silu", use_kernels=True)
     expected = griffin_spec(x, weights, keep, F.silu)
     assert_close(out, expected, dtype)
-    # each row alone, with its own kept neurons only, gives the same answer as in the batch
-    for b in range(3):
-        alone = griffin_union_ff(x[b : b + 1], griffin_union_weights(*weights, keep[b : b + 1]), "silu")
-        assert_close(alone, expected[b : b + 1], dtype)
+    for b in range(3):  # each row alone, with its own kept neurons only, gives the same answer as in the batch
+        assert_close(griffin_ff_cpu(x[b : b + 1], prepared, keep[b : b + 1], "silu"), expected[b : b + 1], dtype)
 
 
 @requires_op
@@ -244,7 +228,7 @@ def test_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.caprese_cpu.linear.default, (x, w.gate), test_utils=tests)
     keep = griffin_keep(2, FF, 50, seed=3).to(torch.uint8)
     for thr, kp in ((threshold, None), (None, keep), (None, None)):
-        args = (x, w.gate, w.up, w.down_t, thr, kp, FF, "silu")
+        args = (x, *w.op_args(), thr, kp, "silu")
         torch.library.opcheck(torch.ops.caprese_cpu.gated_ff.default, args, test_utils=tests)
 
 
@@ -284,41 +268,11 @@ def test_bad_inputs_fail_early_with_a_reason():
     with pytest.raises(ValueError, match="share one of"):
         cats_ff_cpu(x.bfloat16(), w, threshold, "silu", use_kernels=True)
     with pytest.raises(ValueError, match="contiguous"):
-        gated_ff(x, w.gate.T.contiguous().T, w.up, w.down_t, FF, "silu", threshold=threshold, use_kernels=True)
+        transposed = type(w)(w.gate.T.contiguous().T, w.up, w.low_up, w.down_t, w.low_down)
+        gated_ff(x, transposed, "silu", threshold=threshold, use_kernels=True)
     with pytest.raises(ValueError, match="no backward"):
         linear(x.requires_grad_(), w.gate, use_kernels=True)
-    with pytest.raises(RuntimeError, match="must both have"):  # the op's own checks, for callers of torch.ops directly
-        torch.ops.caprese_cpu.gated_ff(x.detach(), w.gate, w.up[:5], w.down_t, threshold, None, FF, "silu")
-
-
-# ---- the prototype lean step (kernels/cpu_lean.py) on tiny models ----
-
-LEAN_CASES = {  # name: (adapter options or None for the plain model, FastDecoder mode)
-    "plain-dense": (None, "dense"),
-    "griffin-caprese": (dict(backbone="griffin", layers_to_transform=[0, 1]), "caprese"),
-    "cats-caprese": (dict(backbone="cats"), "caprese"),
-    "cats-backbone": (dict(backbone="cats", density=0.4, layers_to_transform=[1, 2, 3]), "backbone"),
-}
-
-
-@requires_op
-@pytest.mark.parametrize("case", sorted(LEAN_CASES))
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_cpu_lean_step_gives_the_logits_of_the_lean_step(arch, case):
-    """The CPU-op step computes what FastDecoder's own step computes, in prefill and over several decode steps."""
-    from caprese_peft.fast_decode import FastDecoder
-    from caprese_peft.kernels.cpu_lean import cpu_lean_decoder
-
-    from conftest import random_prompts, tiny_model, wrap
-
-    options, mode = LEAN_CASES[case]
-    model = tiny_model(arch) if options is None else wrap(arch, **options)
-    ids, mask = random_prompts([7, 3, 9])
-    reference, ops = FastDecoder(model, mode=mode, max_seq_len=16), FastDecoder(model, mode=mode, max_seq_len=16)
-    ops.lean = cpu_lean_decoder(ops)
-    tokens = reference.prefill(ids, mask).argmax(-1)
-    ops.prefill(ids, mask)
-    for _ in range(4):
-        want, got = reference.decode_one_token(tokens), ops.decode_one_token(tokens)
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-        tokens = want.argmax(-1)
+    with pytest.raises(RuntimeError, match="must all have F rows"):  # the op's own checks, for direct callers
+        torch.ops.caprese_cpu.gated_ff(
+            x.detach(), w.gate, w.up[:5], w.low_up, w.down_t, w.low_down, threshold, None, "silu"
+        )

@@ -9,6 +9,7 @@ import torch
 
 from caprese_peft import decode_impl
 from caprese_peft.fast_decode import FastDecoder
+from caprese_peft.fast_decode.decoder import cpu_ops_available
 
 from conftest import greedy, layers_of, random_prompts, tiny_model, wrap
 
@@ -25,6 +26,11 @@ CASES = {  # name: (adapter options or None for the plain model, FastDecoder mod
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def eager_decoder(model, **options) -> FastDecoder:
+    """A FastDecoder with its step uncompiled: these tests compare values, not compilers (tests below compile)."""
+    return FastDecoder(model, **{"compile": "none", **options})
 
 
 def build(arch: str, options: dict | None):
@@ -56,7 +62,7 @@ def test_greedy_output_equals_generate(arch, case):
     model = build(arch, options)
     ids, mask = random_prompts([7, 3, 9])
     want = reference_generate(model, mode, ids, mask)
-    got = FastDecoder(model, mode=mode).generate(ids, mask, max_new_tokens=NEW_TOKENS)
+    got = eager_decoder(model, mode=mode).generate(ids, mask, max_new_tokens=NEW_TOKENS)
     assert torch.equal(got, want)
 
 
@@ -64,7 +70,7 @@ def test_sparse_modes_change_the_output():
     """Otherwise the equality above would not tell the modes apart."""
     model = build("llama", dict(backbone="cats", density=0.3))
     ids, mask = random_prompts([7, 3, 9])
-    outputs = {mode: FastDecoder(model, mode=mode).generate(ids, mask, max_new_tokens=NEW_TOKENS) for mode in
+    outputs = {mode: eager_decoder(model, mode=mode).generate(ids, mask, max_new_tokens=NEW_TOKENS) for mode in
                ("dense", "backbone", "caprese")}  # fmt: skip
     assert not torch.equal(outputs["dense"], outputs["backbone"])
     assert not torch.equal(outputs["backbone"], outputs["caprese"])
@@ -73,15 +79,15 @@ def test_sparse_modes_change_the_output():
 def test_eos_ends_rows_with_padding_as_generate_does():
     model = build("qwen2", dict(backbone="griffin"))
     ids, mask = random_prompts([6, 9, 4])
-    free = FastDecoder(model).generate(ids, mask, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    free = eager_decoder(model).generate(ids, mask, max_new_tokens=NEW_TOKENS, ignore_eos=True)
     eos = int(free[1, ids.shape[1] + 2])  # row 1 stops after its third token; the others may run on
     want = reference_generate(model, "caprese", ids, mask, eos_token_id=eos, pad_token_id=0)
-    got = FastDecoder(model).generate(ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=eos, pad_token_id=0)
+    got = eager_decoder(model).generate(ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=eos, pad_token_id=0)
     assert torch.equal(got, want)
     assert (got[1, ids.shape[1] + 3 :] == 0).all()
     # a sequence of EOS everywhere ends at once
     first = [int(t) for t in free[:, ids.shape[1]]]
-    short = FastDecoder(model).generate(ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=first)
+    short = eager_decoder(model).generate(ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=first)
     assert short.shape[1] == ids.shape[1] + 1
 
 
@@ -90,7 +96,7 @@ def test_prefill_and_decode_one_token_give_the_logits_of_generate():
     ids, mask = random_prompts([5, 8])
     with decode_impl(model, "reference"):
         sequences, logits = greedy(model, ids, mask, 4)
-    decoder = FastDecoder(model, max_seq_len=32)
+    decoder = eager_decoder(model, max_seq_len=32)
     got = [decoder.prefill(ids, mask)]
     for step in range(3):
         got.append(decoder.decode_one_token(sequences[:, ids.shape[1] + step]))
@@ -99,16 +105,17 @@ def test_prefill_and_decode_one_token_give_the_logits_of_generate():
 
 def test_buffers_are_reused_across_prompt_batches_of_one_shape():
     model = build("llama", dict(backbone="griffin"))
-    decoder = FastDecoder(model, max_seq_len=24)
+    decoder = eager_decoder(model, max_seq_len=24)
     first_ids, first_mask = random_prompts([7, 3, 9], seed=1)
     decoder.generate(first_ids, first_mask, max_new_tokens=NEW_TOKENS)
     lean, cache_ptr = decoder.lean, decoder.lean.layers[0].attn.k_cache.data_ptr()
-    weights_ptr = decoder.lean.layers[0].ff.gate_up.data_ptr()
+    buffers = {name: b.data_ptr() for name, b in decoder.lean.layers[0].ff.named_buffers()}
     ids, mask = random_prompts([9, 5, 2], seed=2)
     got = decoder.generate(ids, mask, max_new_tokens=NEW_TOKENS)
     assert torch.equal(got, reference_generate(model, "caprese", ids, mask))
     assert decoder.lean is lean and lean.layers[0].attn.k_cache.data_ptr() == cache_ptr
-    assert lean.layers[0].ff.gate_up.data_ptr() == weights_ptr  # a captured CUDA graph stays valid
+    # a captured CUDA graph stays valid: the prompt batch's weights (or keep mask) were written in place
+    assert {name: b.data_ptr() for name, b in lean.layers[0].ff.named_buffers()} == buffers
     # another batch size reallocates
     ids, mask = random_prompts([4, 6], seed=3)
     assert torch.equal(
@@ -117,27 +124,35 @@ def test_buffers_are_reused_across_prompt_batches_of_one_shape():
 
 
 def test_extra_memory_is_what_each_variant_copies():
-    """CATS reads Wg and W1 in place and copies only W2^T (and L^T); the dense lean step copies gate/up to fuse them."""
+    """CATS reads Wg and W1 in place and copies W2^T (and L^T); the dense step copies W2^T on a CPU with the C++ ops
+    (they read neuron-major rows) and gate/up elsewhere (fused into one GEMV)."""
     model = build("llama", dict(backbone="cats", layers_to_transform=[1, 3]))
     ids, mask = random_prompts([6, 4])
-    extra = {}
+    extra, decoders = {}, {}
     for mode in ("dense", "caprese"):
-        decoder = FastDecoder(model, mode=mode)
+        decoders[mode] = decoder = eager_decoder(model, mode=mode)
         decoder.generate(ids, mask, max_new_tokens=3)
         extra[mode] = decoder.lean.extra_bytes(model)
     layers = layers_of(model)
     mlp = layers[0].base_layer
     gate_up = mlp.gate_proj.weight.nbytes + mlp.up_proj.weight.nbytes
-    copied = mlp.down_proj.weight.nbytes + layers[0].caprese_L["default"].nbytes  # W2^T and L^T
-    thresholds = 2 * 4  # one fp32 per sequence
-    assert extra["caprese"] - extra["dense"] == len(layers) * (copied + thresholds - gate_up)
+    low_up, thresholds = layers[0].caprese_L["default"].nbytes, 2 * 4  # L^T; one fp32 threshold per sequence
+    down_t = mlp.down_proj.weight.nbytes
+    dense_copy = down_t if decoders["dense"].cpu_ops else gate_up
+    assert extra["caprese"] - extra["dense"] == len(layers) * (down_t + low_up + thresholds - dense_copy)
     weights = layers[0].caprese_decoder["default"].weights()
-    assert weights.up.data_ptr() == mlp.up_proj.weight.data_ptr() and weights.copied_bytes() == copied
+    assert weights.up.data_ptr() == mlp.up_proj.weight.data_ptr() and weights.copied_bytes() == down_t + low_up
+
+
+def test_a_cpu_compiles_the_step_with_inductor_by_default():
+    decoder = FastDecoder(tiny_model("llama"), mode="dense")
+    assert decoder.compile == "default" and not decoder.compile_layers_once
+    assert decoder.cpu_ops == cpu_ops_available()
 
 
 def test_buffers_grow_for_a_longer_second_call_and_are_kept_for_a_shorter_one():
     model = build("qwen2", dict(backbone="cats"))
-    decoder = FastDecoder(model)  # no max_seq_len: each call sizes what it needs
+    decoder = eager_decoder(model)  # no max_seq_len: each call sizes what it needs
     ids, mask = random_prompts([5, 3], seed=5)
     assert torch.equal(
         decoder.generate(ids, mask, max_new_tokens=2), reference_generate(model, "caprese", ids, mask, 2)
@@ -164,7 +179,7 @@ def test_every_mode_compiles_as_one_graph(case, once):
     kernels = {"use_kernels": True} if case == "cats-kernel" else {}  # the Triton op (interpreted) inside the graph
     model = build("qwen3", options)
     ids, mask = random_prompts([7, 3])
-    eager = FastDecoder(model, mode=mode, **kernels).generate(ids, mask, max_new_tokens=4)
+    eager = eager_decoder(model, mode=mode, **kernels).generate(ids, mask, max_new_tokens=4)
     compile = lambda f: torch.compile(f, backend="eager", fullgraph=True)  # noqa: E731
     compiled = FastDecoder(model, mode=mode, compile=compile, compile_layers_once=once, **kernels)
     assert torch.equal(compiled.generate(ids, mask, max_new_tokens=4), eager)
@@ -176,7 +191,7 @@ def test_inductor_step_writes_a_long_cache_in_place():
     torch._dynamo.reset()
     model = build("llama", dict(backbone="cats", layers_to_transform=[1, 3]))  # dense and CATS layers
     ids, mask = random_prompts([5, 7])
-    want = FastDecoder(model).generate(ids, mask, max_new_tokens=6)
+    want = eager_decoder(model).generate(ids, mask, max_new_tokens=6)
     decoder = FastDecoder(model, compile="default", max_seq_len=8192)
     assert torch.equal(decoder.generate(ids, mask, max_new_tokens=6), want)
     decoder.prefill(ids, mask)
@@ -193,12 +208,12 @@ def test_inductor_step_writes_a_long_cache_in_place():
 def test_weight_bytes_count_what_a_step_reads():
     model = build("llama", dict(backbone="griffin", density=0.5, layers_to_transform=[0, 1]))
     ids, mask = random_prompts([5])
-    dense = FastDecoder(model, mode="dense")
+    dense = eager_decoder(model, mode="dense")
     dense.generate(ids, mask, max_new_tokens=2)
     base = model.get_base_model()
     everything = sum(p.nbytes for n, p in base.named_parameters() if "caprese" not in n)
     assert dense.lean.weight_bytes() == everything - base.get_input_embeddings().weight.nbytes
-    sparse = FastDecoder(model, mode="caprese")
+    sparse = eager_decoder(model, mode="caprese")
     sparse.generate(ids, mask, max_new_tokens=2)
     config = base.config
     k, r = round(0.5 * config.intermediate_size), 8
@@ -208,25 +223,25 @@ def test_weight_bytes_count_what_a_step_reads():
 
 def test_bad_input_fails_early_with_a_reason():
     with pytest.raises(ValueError, match="model_type 'gemma2'"):
-        FastDecoder(tiny_model("gemma2"), mode="dense")
+        eager_decoder(tiny_model("gemma2"), mode="dense")
     with pytest.raises(ValueError, match="mode must be None or one of"):
-        FastDecoder(tiny_model("llama"), mode="sparse")
+        eager_decoder(tiny_model("llama"), mode="sparse")
     with pytest.raises(ValueError, match="needs a Caprese adapter"):
-        FastDecoder(tiny_model("llama"), mode="caprese")
+        eager_decoder(tiny_model("llama"), mode="caprese")
     with pytest.raises(ValueError, match="reselects every 4 tokens"):
-        FastDecoder(build("llama", dict(backbone="griffin", reselect_every=4)))
+        eager_decoder(build("llama", dict(backbone="griffin", reselect_every=4)))
     with pytest.raises(ValueError, match="sliding-window"):
-        FastDecoder(tiny_model("mistral", sliding_window=8), mode="dense", max_seq_len=64)
+        eager_decoder(tiny_model("mistral", sliding_window=8), mode="dense", max_seq_len=64)
     with pytest.raises(ValueError, match="compile must be"):
         FastDecoder(tiny_model("llama"), mode="dense", compile="fast")
-    decoder = FastDecoder(build("llama", dict(backbone="cats")))
+    decoder = eager_decoder(build("llama", dict(backbone="cats")))
     with pytest.raises(RuntimeError, match="Call prefill"):
         decoder.decode_one_token(torch.zeros(2, dtype=torch.long))
     ids, mask = random_prompts([4, 6])
     with pytest.raises(ValueError, match="left-padded"):
         decoder.prefill(ids, mask.flip(-1))
     with pytest.raises(ValueError, match="exceed max_seq_len"):
-        FastDecoder(tiny_model("llama"), mode="dense", max_seq_len=8).generate(ids, mask, max_new_tokens=4)
+        eager_decoder(tiny_model("llama"), mode="dense", max_seq_len=8).generate(ids, mask, max_new_tokens=4)
 
 
 @pytest.mark.kernels
@@ -237,7 +252,7 @@ def test_cats_kernel_in_the_lean_step():
     model = build("llama", dict(backbone="cats", layers_to_transform=[1, 2]))
     ids, mask = random_prompts([6, 4])
     want = reference_generate(model, "caprese", ids, mask, 4)
-    got = FastDecoder(model, use_kernels=True).generate(ids, mask, max_new_tokens=4)
+    got = eager_decoder(model, use_kernels=True).generate(ids, mask, max_new_tokens=4)
     assert torch.equal(got, want)
 
 

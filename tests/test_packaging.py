@@ -88,7 +88,7 @@ def test_the_wheel_installs_the_kernels_inside_the_package(tmp_path):
     )
     (wheel,) = tmp_path.glob("caprese_peft-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "caprese_peft/kernels/cats_ff.py" in names
+    assert "caprese_peft/kernels/cats_ff.py" in names and "caprese_peft/kernels/cpu_ff.cpp" in names
     assert not [n for n in names if n.startswith("kernels/")]
 
 

@@ -76,10 +76,30 @@ class SparseDecoder:
     """
 
     has_fast_path: ClassVar[bool] = False
+    _activation: tuple | None = None  # (act_fn, its name in sparse_ff.ACTIVATIONS or None)
 
     def __init__(self, layer: nn.Module, adapter: str) -> None:
         self.layer = layer  # the CapreseLayer
         self.adapter = adapter
+
+    def activation(self) -> str | None:
+        """The name under which the kernels know the block's activation, or None if they do not."""
+        from ..sparse_ff import activation_name
+
+        act = self.layer.base_layer.act_fn
+        if self._activation is None or self._activation[0] is not act:
+            self._activation = (act, activation_name(act))
+        return self._activation[1]
+
+    def cpu_kernel_applies(self, x: torch.Tensor) -> bool:
+        """Whether the C++ CPU ops (``caprese_peft.kernels.cpu_ff``) can compute this decode step's FF block."""
+        if x.device.type != "cpu" or x.dim() != 3 or x.shape[1] != 1 or self.activation() is None:
+            return False
+        try:
+            from ..kernels import cpu_ff
+        except ImportError:  # the kernels package needs triton, which ships for Linux
+            return False
+        return x.dtype in cpu_ff.SUPPORTED_DTYPES and cpu_ff.available()
 
     @property
     def backbone(self) -> Backbone:
@@ -144,8 +164,9 @@ class SparseDecoder:
     def new_prompt(self) -> None:
         """A prefill starts: free what was built for the last prompt batch before the prefill needs the memory."""
 
-    def lean_ff(self, low_rank: bool, use_kernels: bool | None) -> nn.Module:
-        """The feed-forward module of ``caprese_peft.FastDecoder``'s lean step for this layer and adapter."""
+    def lean_ff(self, low_rank: bool, use_kernels: bool | None, cpu_ops: bool = False) -> nn.Module:
+        """The feed-forward module of ``caprese_peft.FastDecoder``'s lean step for this layer and adapter;
+        ``cpu_ops``: the step runs on a CPU where the C++ ops (``caprese_peft.kernels.cpu_ff``) are built."""
         raise ValueError(f"The lean decode step runs backbones with a merged form, not {self.backbone.name!r}.")
 
 

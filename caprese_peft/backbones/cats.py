@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..sparse_ff import ACTIVATIONS, activation_name, cats_merged_ff
+from ..sparse_ff import ACTIVATIONS, cats_merged_ff
 from .base import Backbone, SparseDecoder, check_token_mask, register_backbone
 
 
@@ -63,29 +63,24 @@ def cats_thresholds(
 
 
 class CatsDecoder(SparseDecoder):
-    """CATS decodes through ``caprese_peft.kernels.cats_ff``: the FF weights with ``L``, ``R`` appended as ``r`` always-active
-    neurons, read only for the neurons the threshold keeps (the Triton kernel), or its torch reference.
+    """CATS decodes through ``caprese_peft.kernels.cats_ff``: the FF weights with ``L``, ``R`` as ``r`` always-active
+    neurons, read only for the neurons the threshold keeps (the Triton kernel on CUDA, the C++ op on a CPU), or its
+    torch reference.
 
-    ``decode_impl="auto"`` takes it where the kernel runs (CUDA, at most ``kernels.MAX_BATCH`` sequences, fp32,
-    fp16 or bf16): without the kernel, merged CATS computes every neuron as the reference does, from copies.
+    ``decode_impl="auto"`` takes it where a kernel runs (CUDA: at most ``kernels.MAX_BATCH`` sequences, fp32, fp16
+    or bf16; a CPU: where the C++ ops build): without one, merged CATS computes every neuron as the reference does.
     """
 
     has_fast_path = True
     _cache: dict | None = None  # low_rank -> (weights key, CatsFFWeights)
-    _activation: tuple | None = None  # (act_fn, its name in sparse_ff.ACTIVATIONS or None)
-
-    def activation(self) -> str | None:
-        """The name under which the kernels know the block's activation, or None if they do not."""
-        act = self.layer.base_layer.act_fn
-        if self._activation is None or self._activation[0] is not act:
-            self._activation = (act, activation_name(act))
-        return self._activation[1]
 
     def pays_off(self, x: torch.Tensor) -> bool:
         use_kernels = self.layer.decode_use_kernels
         if use_kernels is not None:
             return use_kernels
-        if not x.is_cuda or self.activation() is None:
+        if not x.is_cuda:
+            return self.cpu_kernel_applies(x)
+        if self.activation() is None:
             return False
         try:
             from ..kernels import MAX_BATCH, SUPPORTED_DTYPES
@@ -132,7 +127,7 @@ class CatsDecoder(SparseDecoder):
     def release(self) -> None:
         self._cache = None
 
-    def lean_ff(self, low_rank: bool, use_kernels: bool | None) -> nn.Module:
+    def lean_ff(self, low_rank: bool, use_kernels: bool | None, cpu_ops: bool = False) -> nn.Module:
         from ..fast_decode.lean import CatsFF
 
         return CatsFF(self, low_rank, use_kernels)

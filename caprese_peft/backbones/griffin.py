@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..sparse_ff import GriffinMergedWeights, griffin_merged_ff, griffin_merged_weights, keep_indices
+from ..sparse_ff import griffin_merged_ff, griffin_merged_weights, keep_indices
 from .base import Backbone, SparseDecoder, check_token_mask, register_backbone
 
 
@@ -38,53 +38,68 @@ def top_neurons(score: torch.Tensor, density: float) -> torch.Tensor:
 
 
 class GriffinDecoder(SparseDecoder):
-    """GRIFFIN decodes on each sequence's pruned weights with ``L``, ``R`` appended (appendix D), built per prompt.
+    """GRIFFIN decodes on each prompt batch's kept rows with ``L``, ``R`` (appendix D).
 
-    ``decode_impl="auto"`` takes them while batch x density < 1: each sequence reads its own pruned copy, so past
-    that the copies read more bytes than the shared full weights the reference reads.
+    On a CPU with the C++ ops (``caprese_peft.kernels.cpu_ff``): the rows of the union of the batch's kept neurons,
+    read in place once for all sequences, each using only its own (the weights laid out once as for CATS). Elsewhere
+    (CUDA): each sequence's own pruned copy, gathered per prompt, which ``decode_impl="auto"`` takes while batch x
+    density < 1; past that the copies read more bytes than the shared full weights the reference reads.
     """
 
     has_fast_path = True
-    _cache: tuple | None = None  # (stats, key, weights): the last prompt batch's merged weights
+    _cache: tuple | None = None  # (stats or None, key, union or not, weights): the weights a step reads
 
     def pays_off(self, x: torch.Tensor) -> bool:
-        return x.shape[0] * self.backbone.density < 1
+        return self.cpu_kernel_applies(x) or x.shape[0] * self.backbone.density < 1
 
-    def build(self, stats: GriffinStats, low_rank: bool = True) -> GriffinMergedWeights:
-        """This prompt batch's pruned weights (with ``L``, ``R`` appended unless ``low_rank=False``), uncached."""
+    def build(self, stats: GriffinStats | None, low_rank: bool = True, union: bool = False) -> Any:
+        """The weights a step reads (with ``L``, ``R`` unless ``low_rank=False``), uncached: this prompt batch's
+        per-sequence ``GriffinMergedWeights``, or with ``union=True`` the whole block as ``CatsFFWeights`` (for every
+        prompt: the CPU op reads the kept rows in place)."""
         gate, up, down, left, right = self.layer.decode_tensors(self.adapter)
         if not low_rank:
             left, right = left[:, :0], right[:0]
         with torch.no_grad():
+            if union:
+                from ..kernels import prepare_cats_weights
+
+                return prepare_cats_weights(gate, up, down, left, right)
             return griffin_merged_weights(gate, up, down, left, right, keep_indices(stats.keep))
 
-    def weights(self, stats: GriffinStats) -> GriffinMergedWeights:
-        """``build(stats)``, built once and cached on the identity of ``stats`` and on the weights.
-
-        A new prompt or a reselection replaces the statistics object; an optimizer step or a reload changes the
-        weights (see ``CapreseLayer.weights_key``). A stale cache is freed before the new one is built.
+    def weights(self, stats: GriffinStats, union: bool = False) -> Any:
+        """``build(stats, union=union)``, built once and cached on the weights and, per-sequence, on the identity of
+        ``stats``: a new prompt or a reselection replaces the statistics object; an optimizer step or a reload
+        changes the weights (see ``CapreseLayer.weights_key``). A stale cache is freed before the new one is built.
         """
         key = self.layer.weights_key(self.adapter)
+        owner = None if union else stats
         cached = self._cache
-        if cached is not None and cached[0] is stats and cached[1] == key:
-            return cached[2]
+        if cached is not None and cached[0] is owner and cached[1:3] == (key, union):
+            return cached[3]
         self._cache = None
-        merged = self.build(stats)
-        self._cache = (stats, key, merged)
-        return merged
+        built = self.build(stats, union=union)
+        self._cache = (owner, key, union, built)
+        return built
 
     def fast(self, x: torch.Tensor, stats: GriffinStats) -> torch.Tensor:
+        if self.cpu_kernel_applies(x):
+            from ..kernels.cpu_ff import griffin_ff_cpu
+
+            weights = self.weights(stats, union=True)
+            return griffin_ff_cpu(x[:, 0], weights, stats.keep, self.activation())[:, None]
         return griffin_merged_ff(x, self.weights(stats), self.layer.base_layer.act_fn)
 
     def release(self) -> None:
         self._cache = None
 
-    new_prompt = release  # the pruned weights belong to one prompt batch
+    def new_prompt(self) -> None:
+        if self._cache is not None and self._cache[0] is not None:  # per-sequence copies belong to one prompt batch
+            self._cache = None
 
-    def lean_ff(self, low_rank: bool, use_kernels: bool | None) -> nn.Module:
+    def lean_ff(self, low_rank: bool, use_kernels: bool | None, cpu_ops: bool = False) -> nn.Module:
         from ..fast_decode.lean import GriffinFF
 
-        return GriffinFF(self, low_rank)
+        return GriffinFF(self, low_rank, cpu_ops)
 
 
 @register_backbone

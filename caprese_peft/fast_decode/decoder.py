@@ -13,11 +13,15 @@ difference next to a CATS threshold can change a token, as a change of batch siz
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import types
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from ..backbones.base import warn_once
 from ..layer import CapreseLayer
 from ..state import find_state
 from .lean import DenseFF, LeanDecoder, architecture_problem
@@ -35,21 +39,30 @@ def _greedy_step(
     return logits, logits.argmax(dim=-1)
 
 
+def _own_step() -> Callable:
+    """``_greedy_step`` with a code object of its own: torch.compile caches compiled code per code object, so each
+    decoder (its own lean step, buffers and guards) gets its own cache instead of the recompile limit of a shared one.
+    """
+    return types.FunctionType(_greedy_step.__code__.replace(), _greedy_step.__globals__, _greedy_step.__name__)
+
+
 class FastDecoder:
     """Greedy decoding of a Llama/Mistral/Qwen2/Qwen3 model, plain or with a Caprese adapter, in three modes.
 
     ``mode``: ``"dense"`` (adapter disabled), ``"backbone"`` (the sparse backbone without ``x @ L @ R``) or
     ``"caprese"`` (sparse backbone plus correction); None picks ``"caprese"`` when a Caprese adapter is
     active, else ``"dense"``.
-    ``compile``: None picks ``"reduce-overhead"`` on CUDA and ``"none"`` (eager) elsewhere; ``"default"`` and
+    ``compile``: None picks ``"reduce-overhead"`` on CUDA and ``"default"`` on a CPU (``"none"``, eager, without
+    a C++ compiler); ``"default"`` and
     ``"reduce-overhead"`` are passed to ``torch.compile(..., fullgraph=True)``; a callable wraps the step
     function (e.g. ``lambda f: torch.compile(f, backend="eager", fullgraph=True)``).
     ``max_seq_len`` bounds prompt plus generated tokens (default: what each ``generate`` call needs; the static
     buffers grow when a later call needs more, at the cost of one new compilation or capture).
-    ``use_kernels`` is passed to ``caprese_peft.kernels.cats_ff`` for CATS layers.
+    ``use_kernels`` is passed to ``caprese_peft.kernels.cats_ff`` for CATS layers; False also keeps the C++ CPU ops
+    (``caprese_peft.kernels.cpu_ff``, which otherwise run every GEMV and FF block on a CPU) off.
     ``compile_layers_once``: compile one decoder layer and reuse its code for every layer of the same structure
     (``torch.compiler.nested_compile_region``) rather than the whole unrolled step: a third of the compile time on
-    SmolLM2, the same code; False compiles the unrolled step.
+    SmolLM2, the same code; False compiles the unrolled step; None: True on CUDA, False on a CPU.
 
     The lean step copies the q/k/v and gate/up weights it fuses (and CATS layers' up/down weights), so it holds
     roughly the attention and FF weights once more; build it after the model is on its device and in eval mode.
@@ -64,7 +77,7 @@ class FastDecoder:
         max_seq_len: int | None = None,
         compile: str | Callable | None = None,
         use_kernels: bool | None = None,
-        compile_layers_once: bool = True,
+        compile_layers_once: bool | None = None,
     ) -> None:
         if mode is not None and mode not in MODES:
             raise ValueError(f"mode must be None or one of {MODES}, got {mode!r}.")
@@ -86,13 +99,17 @@ class FastDecoder:
         if mode != "dense":
             self.adapter = self._check_adapter()
         device = next(self.hf_model.parameters()).device
+        # on a CPU the C++ ops (built on first use, before anything is traced) run the GEMVs and FF blocks
+        self.cpu_ops = device.type == "cpu" and use_kernels is not False and cpu_ops_available()
         if compile is None:
-            compile = "reduce-overhead" if device.type == "cuda" else "none"
+            compile = default_compile(device)
         if not callable(compile) and compile not in COMPILE_MODES:
             raise ValueError(f"compile must be None, a callable or one of {COMPILE_MODES}, got {compile!r}.")
         self.compile = compile
         self.use_kernels = use_kernels
-        self.compile_layers_once = compile_layers_once
+        # compiling one layer and stamping it out saves compile time; on a CPU torch 2.13's region tracing has failed
+        # after other decoders compiled in the same process (an internal KeyError), so there the step is unrolled
+        self.compile_layers_once = device.type == "cuda" if compile_layers_once is None else compile_layers_once
         self.max_seq_len = max_seq_len
         self.device = device
         self.lean: LeanDecoder | None = None
@@ -127,7 +144,7 @@ class FastDecoder:
         layer = self.layers[index]
         mlp = self.hf_model.model.layers[index].mlp
         if self.mode == "dense" or layer is None or layer.active_adapter_name() is None:
-            return DenseFF(mlp.base_layer if layer is not None else mlp)
+            return DenseFF(mlp.base_layer if layer is not None else mlp, self.cpu_ops)
         biased = [p for p in ("gate_proj", "up_proj", "down_proj") if getattr(mlp.base_layer, p).bias is not None]
         if biased:
             raise ValueError(f"Layer {index}: {', '.join(biased)} have biases, which merged decode leaves out.")
@@ -137,7 +154,7 @@ class FastDecoder:
                 "model.generate(...) for this adapter."
             )
         try:
-            return layer.caprese_decoder[self.adapter].lean_ff(self.mode == "caprese", self.use_kernels)
+            return layer.caprese_decoder[self.adapter].lean_ff(self.mode == "caprese", self.use_kernels, self.cpu_ops)
         except ValueError as error:
             raise ValueError(f"Layer {index}: {error}") from None
 
@@ -145,18 +162,18 @@ class FastDecoder:
         """The lean step and its buffers for ``batch`` x ``max_seq_len``; reuses what still fits."""
         if self.lean is None:
             ffs = [self._feed_forward(i) for i in range(len(self.layers))]
-            self.lean = LeanDecoder(self.hf_model, ffs).eval()
+            self.lean = LeanDecoder(self.hf_model, ffs, cpu_gemv=self.cpu_ops).eval()
             self.lean.compile_layers_once = self.compile_layers_once
         if (self.lean.batch_size, self.lean.max_seq_len) != (batch, max_seq_len):
             self.lean.allocate(batch, max_seq_len)
             self._step = None  # new buffers: compile or capture again
         if self._step is None:
             if callable(self.compile):
-                self._step = self.compile(_greedy_step)
+                self._step = self.compile(_own_step())
             elif self.compile == "none":
                 self._step = _greedy_step
             else:
-                self._step = torch.compile(_greedy_step, mode=self.compile, fullgraph=True)
+                self._step = torch.compile(_own_step(), mode=self.compile, fullgraph=True)
 
     # ---- the decode loop ----
 
@@ -276,6 +293,28 @@ class FastDecoder:
                 unfinished &= ~torch.isin(tokens, eos)
             generated.append(tokens)
         return torch.cat([input_ids.to(self.device), torch.stack(generated, dim=1)], dim=1)
+
+
+def cpu_ops_available() -> bool:
+    """Whether the C++ CPU ops of ``caprese_peft.kernels.cpu_ff`` are built (building them on first use)."""
+    try:
+        from ..kernels import cpu_ff
+    except ImportError:  # the kernels package needs triton, which ships for Linux
+        return False
+    return cpu_ff.available()
+
+
+def default_compile(device: torch.device) -> str:
+    """``"reduce-overhead"`` on CUDA; on a CPU ``"default"`` (inductor, the fastest measured:
+    benchmarks/cpu_decode.py) where a C++ compiler is found, else ``"none"`` (eager) with one warning."""
+    if device.type == "cuda":
+        return "reduce-overhead"
+    if any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++")):
+        return "default"
+    warn_once(
+        "FastDecoder runs its decode step eagerly: torch.compile needs a C++ compiler on a CPU and none was found."
+    )
+    return "none"
 
 
 def _token_set(eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor | None:

@@ -10,6 +10,7 @@ own: dense, GRIFFIN on merged per-sequence weights, or CATS through ``caprese_pe
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..sparse_ff import cats_merged_ff, griffin_fused_ff
+from ..sparse_ff import activation_name, cats_merged_ff, griffin_fused_ff
+
+# the buffers of a block laid out for caprese_cpu::gated_ff: CatsFFWeights' fields, in its order
+CPU_WEIGHTS = ("gate", "up", "low_up", "down_t", "low_down")
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cpu_op: bool) -> torch.Tensor:
+    """``F.linear`` of decode tokens ``x (B, ..., D)``; ``cpu_op``: through ``caprese_cpu::linear`` (a CPU GEMV that
+    reads the weights at the memory's speed at any batch size, where MKL's drops past batch 1)."""
+    if not cpu_op:
+        return F.linear(x, weight, bias)
+    out = torch.ops.caprese_cpu.linear(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
+    return out if bias is None else out + bias
+
+
 def _alias(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
@@ -95,12 +108,23 @@ def _store(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 class DenseFF(nn.Module):
-    """The unmodified gated MLP, gate and up fused into one ``(2F, D)`` GEMV (a copy of those two weights)."""
+    """The unmodified gated MLP: on a CPU with the C++ ops one pass over its rows (``caprese_cpu::gated_ff``, gate
+    and up read in place, ``W2^T`` copied once); elsewhere gate and up fused into one ``(2F, D)`` GEMV (a copy of
+    those two weights)."""
 
-    def __init__(self, mlp: nn.Module) -> None:
+    def __init__(self, mlp: nn.Module, cpu_ops: bool = False) -> None:
         super().__init__()
         self.act = mlp.act_fn
         self.ff_size = mlp.gate_proj.out_features
+        biased = any(getattr(mlp, p).bias is not None for p in ("gate_proj", "up_proj", "down_proj"))
+        self.activation = activation_name(mlp.act_fn) if cpu_ops and not biased else None
+        if self.activation is not None:
+            from ..kernels.cpu_ff import prepare_dense_weights
+
+            weights = prepare_dense_weights(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+            for name, tensor in zip(CPU_WEIGHTS, weights.op_args()):
+                self.register_buffer(name, tensor, persistent=False)
+            return
         with torch.no_grad():
             gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])  # (2F, D)
             biases = (mlp.gate_proj.bias, mlp.up_proj.bias)
@@ -111,43 +135,71 @@ class DenseFF(nn.Module):
         self.register_buffer("down_bias", _alias(mlp.down_proj.bias), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation is not None:
+            weights = [getattr(self, name) for name in CPU_WEIGHTS]
+            return torch.ops.caprese_cpu.gated_ff(x[:, 0], *weights, None, None, self.activation)[:, None]
         gate, up = F.linear(x, self.gate_up, self.gate_up_bias).split(self.ff_size, dim=-1)  # (B, 1, F) each
         return F.linear(self.act(gate) * up, self.down, self.down_bias)
 
     def weight_bytes(self, batch: int) -> int:
         """Bytes of weights one decode step reads."""
+        if self.activation is not None:
+            return sum(getattr(self, name).nbytes for name in CPU_WEIGHTS)
         return self.gate_up.nbytes + self.down.nbytes
 
 
 class GriffinFF(nn.Module):
-    """GRIFFIN (+ low rank) on per-sequence merged weights (appendix D), gate and up fused: two batched GEMVs.
+    """GRIFFIN (+ low rank) on this prompt batch's kept rows (appendix D).
 
-    ``load`` materialises the weights of the current prompt batch into static buffers; the step is
-    ``caprese_peft.sparse_ff.griffin_fused_ff``, whose reference is ``griffin_merged_ff``.
+    On a CPU with the C++ ops: ``caprese_cpu::gated_ff`` with each sequence's keep mask over the whole block, laid
+    out once (``CatsFFWeights``): the rows of the union of the kept neurons are read once for all sequences, in
+    place, and no other row. Elsewhere: per-sequence merged weights, gate and up fused, two batched GEMVs;
+    ``load`` materialises them for each prompt batch into static buffers (``caprese_peft.sparse_ff.griffin_fused_ff``,
+    whose reference is ``griffin_merged_ff``).
     """
 
-    def __init__(self, decoder: Any, low_rank: bool) -> None:
+    def __init__(self, decoder: Any, low_rank: bool, cpu_ops: bool = False) -> None:
         super().__init__()
         object.__setattr__(self, "decoder", decoder)  # a GriffinDecoder; not a submodule: the step never runs it
         self.low_rank = low_rank
         self.act = decoder.layer.base_layer.act_fn
+        self.activation = decoder.activation() if cpu_ops else None
         self.kept = 0  # k, set by load
+        if self.activation is not None:
+            for name, tensor in zip(CPU_WEIGHTS, decoder.build(None, low_rank, union=True).op_args()):
+                self.register_buffer(name, tensor, persistent=False)
+            self.register_buffer("keep", None, persistent=False)  # (B, F) uint8
+            return
         self.register_buffer("gate_up", None, persistent=False)  # (B, 2k + r, D): Wg rows, W1 rows, L^T
         self.register_buffer("down", None, persistent=False)  # (B, D, k + r): W2 columns, R^T
 
     def load(self) -> None:
-        """Build this prompt batch's merged weights from the layer's statistics, in place where shapes allow."""
+        """Take this prompt batch's selection from the layer's statistics, in place where shapes allow."""
+        stats = self.decoder.layer._stats
         with torch.no_grad():
-            merged = self.decoder.build(self.decoder.layer._stats, self.low_rank)
+            if self.activation is not None:
+                keep = stats.keep.reshape(stats.keep.shape[0], -1)
+                self.kept = int(keep[0].sum())
+                _store(self, "keep", keep.to(torch.uint8))
+                return
+            merged = self.decoder.build(stats, self.low_rank)
             self.kept = merged.gate.shape[1]
             _store(self, "gate_up", torch.cat([merged.gate, merged.up], dim=1))  # (B, 2k + r, D)
             _store(self, "down", merged.down)  # (B, D, k + r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation is not None:
+            weights = [getattr(self, name) for name in CPU_WEIGHTS]
+            return torch.ops.caprese_cpu.gated_ff(x[:, 0], *weights, None, self.keep, self.activation)[:, None]
         return griffin_fused_ff(x, self.gate_up, self.down, self.kept, self.act)
 
     def weight_bytes(self, batch: int) -> int:
-        return self.gate_up.nbytes + self.down.nbytes  # every sequence reads its own pruned copy
+        """Bytes a step reads: each sequence its own pruned copy; with the CPU op, the union's rows once."""
+        if self.activation is None:
+            return self.gate_up.nbytes + self.down.nbytes
+        union = int(self.keep.any(dim=0).sum()) if self.keep is not None else self.kept
+        row = self.gate.nbytes // self.gate.shape[0]  # one row of one matrix
+        return 3 * union * row + self.low_up.nbytes + self.low_down.nbytes
 
 
 class CatsFF(nn.Module):
@@ -158,7 +210,7 @@ class CatsFF(nn.Module):
     step takes them as inputs: one compiled layer then serves every layer.
     """
 
-    WEIGHTS = ("gate", "up", "low_up", "down_t", "low_down")  # CatsFFWeights' fields, in its order
+    WEIGHTS = CPU_WEIGHTS  # CatsFFWeights' fields, in its order
 
     def __init__(self, decoder: Any, low_rank: bool, use_kernels: bool | None) -> None:
         super().__init__()
@@ -228,6 +280,7 @@ class Attention(nn.Module):
         self.register_buffer("q_norm", None if q_norm is None else q_norm.weight.detach(), persistent=False)
         self.register_buffer("k_norm", None if k_norm is None else k_norm.weight.detach(), persistent=False)
         self.qk_eps = 0.0 if q_norm is None else q_norm.variance_epsilon
+        self.cpu_gemv = False  # set by LeanDecoder
         self.register_buffer("k_cache", None, persistent=False)  # (B, Hkv, S, hd)
         self.register_buffer("v_cache", None, persistent=False)
 
@@ -241,7 +294,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         batch = x.shape[0]
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        q, k, v = F.linear(x, self.qkv, self.qkv_bias).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = gemv(x, self.qkv, self.qkv_bias, self.cpu_gemv).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(batch, 1, self.heads, self.head_dim)
         k = k.view(batch, 1, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
@@ -258,7 +311,7 @@ class Attention(nn.Module):
         scores = scores.masked_fill(~visible, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.matmul(probs, self.v_cache).reshape(batch, 1, self.heads * self.head_dim)
-        return F.linear(out, self.o, self.o_bias)
+        return gemv(out, self.o, self.o_bias, self.cpu_gemv)
 
     def weight_bytes(self) -> int:
         return self.qkv.nbytes + self.o.nbytes
@@ -291,7 +344,7 @@ class LeanDecoder(nn.Module):
     ``forward(tokens, slot, positions)`` once per generated token.
     """
 
-    def __init__(self, model: nn.Module, ffs: list[nn.Module]) -> None:
+    def __init__(self, model: nn.Module, ffs: list[nn.Module], cpu_gemv: bool = False) -> None:
         super().__init__()
         config = model.config
         decoder = model.model
@@ -306,8 +359,13 @@ class LeanDecoder(nn.Module):
         for name in ("cos", "sin", "prompt_visible", "prompt_width", "key_slots"):
             self.register_buffer(name, None, persistent=False)
         self.batch_size = self.max_seq_len = 0
+        # the C++ GEMV of caprese_peft.kernels.cpu_ff for q/k/v, o and the lm_head (on a CPU)
+        self.cpu_gemv = cpu_gemv
+        for layer in self.layers:
+            layer.attn.cpu_gemv = cpu_gemv
         # under torch.compile, trace one decoder layer and reuse its code for the others of the same structure
         self.compile_layers_once = True
+        object.__setattr__(self, "_layer_once", _compiled_once())
 
     def allocate(self, batch: int, max_seq_len: int) -> None:
         """(Re)allocate the static buffers: KV caches, rotary tables and masks for ``batch`` x ``max_seq_len``."""
@@ -353,10 +411,10 @@ class LeanDecoder(nn.Module):
         # a key is visible if it is a real prompt token or a generated token up to this one
         generated = (self.key_slots >= self.prompt_width) & (self.key_slots <= slot)  # (S,)
         visible = (self.prompt_visible | generated)[:, None, None]  # (B, 1, 1, S)
-        run = _layer_compiled_once if self.compile_layers_once else _layer
+        run = self._layer_once if self.compile_layers_once else _layer
         for layer in self.layers:
             h = run(layer, h, cos, sin, slot, visible)
-        return F.linear(rms_norm(h[:, 0], self.norm, self.eps), self.lm_head).float()
+        return gemv(rms_norm(h[:, 0], self.norm, self.eps), self.lm_head, None, self.cpu_gemv).float()
 
     def weight_bytes(self) -> int:
         """Bytes of weights one step reads (the embedding table only one row per sequence)."""
@@ -383,11 +441,14 @@ def _layer(layer: DecoderLayer, h, cos, sin, slot, visible) -> torch.Tensor:
     return layer(h, cos, sin, slot, visible)
 
 
-# torch.compile compiles the layer once and stamps it out for every layer alike (a third of the compile time of the
-# unrolled step on SmolLM2's 30 layers, the same code and speed); eagerly it is the plain call. Without the API
-# (torch releases before it) the step is compiled unrolled.
-_nested_compile_region = getattr(torch.compiler, "nested_compile_region", None)
-_layer_compiled_once = _layer if _nested_compile_region is None else _nested_compile_region(_layer)
+def _compiled_once() -> Any:
+    """``_layer`` marked as a region torch.compile compiles once and stamps out for every layer alike (a third of the
+    compile time of the unrolled step on SmolLM2's 30 layers, the same code and speed); eagerly the plain call. A
+    copy with its own code object per step, so that no cache of the region outlives its decoder. Without the API
+    (torch releases before it) the step is compiled unrolled."""
+    region = getattr(torch.compiler, "nested_compile_region", None)
+    own = types.FunctionType(_layer.__code__.replace(), _layer.__globals__, _layer.__name__)
+    return own if region is None else region(own)
 
 
 def cache_layer(cache: Any, index: int) -> tuple[torch.Tensor, torch.Tensor]:
