@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -43,23 +44,46 @@ def cats_thresholds(
     is drawn among the row's real tokens only, from fixed draws, so a prompt gets the same threshold alone or in a
     left-padded batch; its rank error is about ``0.5 / sqrt(THRESHOLD_SAMPLE)`` (0.6% of the neurons). ``sample``:
     another sample size, or None for the exact selection at any length (``benchmarks/calibration.py`` compares them).
+    Sampled rows are gathered and selected together: one ``gather`` and one ``topk`` for the batch.
     """
     width = gate.shape[-1]
-    thresholds = []
-    for row_gate, row_mask in zip(gate, token_mask):  # (S, F), (S,): prompt tokens only, padding never counts
-        tokens = row_mask.nonzero().squeeze(-1)  # (T,)
-        n = tokens.numel() * width
-        if sample is None or n <= sample:
-            values = row_gate[tokens].abs().float().flatten()
-        else:
-            picks = (_uniform(gate.device)[:sample] * n).long()  # (sample,) into the T x F real values
-            values = row_gate[tokens[picks // width], picks % width].abs().float()
-        n_drop = values.numel() - round(density * values.numel())
-        if n_drop <= 0:
-            thresholds.append(values.new_tensor(-1.0))  # density 1: keep everything, even exact zeros
-        else:
-            thresholds.append(values.topk(values.numel() - n_drop + 1, sorted=False).values.min())
+    lengths = token_mask.sum(-1).tolist()  # real tokens per row
+    thresholds: list[torch.Tensor | None] = [None] * gate.shape[0]
+    sampled = [i for i, t in enumerate(lengths) if sample is not None and t * width > sample]
+    for i in (i for i in range(gate.shape[0]) if i not in sampled):  # short prompts: every real value
+        values = gate[i][token_mask[i]].abs().float().flatten()
+        thresholds[i] = _order_statistic(values[None], density)[0]
+    if sampled:
+        index = []
+        for i in sampled:
+            token, column = _sample_positions(gate.device, lengths[i], width, sample)
+            if lengths[i] < gate.shape[1]:  # padding: the t-th real token's position
+                token = token_mask[i].nonzero().squeeze(-1)[token]
+            index.append((token + i * gate.shape[1]) * width + column)
+        index = index[0][None] if len(index) == 1 else torch.stack(index)
+        values = gate.reshape(-1).take(index).abs().float()  # (rows, sample): nothing else copied
+        for i, threshold in zip(sampled, _order_statistic(values, density)):
+            thresholds[i] = threshold
     return torch.stack(thresholds).view(-1, 1, 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_positions(device: torch.device, length: int, width: int, sample: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``sample`` (token, column) pairs a prompt of ``length`` real tokens is sampled at, ``(sample,)`` each:
+    fixed draw ``u`` picks token ``floor(u T)`` and, from the rest of ``u T``, column ``floor(frac F)``. Cached: a
+    prompt length's positions are computed once."""
+    scaled = _uniform(device)[:sample] * length
+    token = scaled.long()
+    return token, ((scaled - token) * width).long().clamp_max(width - 1)
+
+
+def _order_statistic(values: torch.Tensor, density: float) -> torch.Tensor:
+    """Per row of ``values (rows, n)``: the largest value a ``density`` fraction lies above; ``(rows,)``."""
+    n = values.shape[-1]
+    n_drop = n - round(density * n)
+    if n_drop <= 0:  # density 1: keep everything, even exact zeros
+        return values.new_full((values.shape[0],), -1.0)
+    return values.topk(n - n_drop + 1, dim=-1, sorted=False).values.amin(dim=-1)
 
 
 class CatsDecoder(SparseDecoder):
