@@ -36,15 +36,16 @@ def cats_thresholds(
     """Per sequence, the value a ``density`` fraction of the prompt's ``|gate|`` lies above; ``(batch, 1, 1)``.
 
     A prompt with at most ``THRESHOLD_SAMPLE`` gate values gets the exact order statistic: the ``n_drop``-th
-    smallest magnitude, found as the smallest of the ``n - n_drop + 1`` largest (``topk`` spreads one slice over
-    many CUDA blocks; ``kthvalue`` gives it to one, pytorch/pytorch#75599). A longer prompt gets the same order
+    smallest magnitude: on CUDA the smallest of the ``n - n_drop + 1`` largest (``topk`` spreads one slice over
+    many CUDA blocks; ``kthvalue`` gives it to one, pytorch/pytorch#75599), elsewhere ``kthvalue`` (a selection,
+    a third of ``topk``'s time on a CPU). A longer prompt gets the same order
     statistic of a fixed sample of ``THRESHOLD_SAMPLE`` of its values, as the CATS paper calibrates on samples:
     an exact selection over every value of a 2048-token prompt costs more than the dense prefill's own work (a
     top-k with k near 15 million, per layer, for Llama-3.1-8B), a sample costs the same at any length. The sample
     is drawn among the row's real tokens only, from fixed draws, so a prompt gets the same threshold alone or in a
     left-padded batch; its rank error is about ``0.5 / sqrt(THRESHOLD_SAMPLE)`` (0.6% of the neurons). ``sample``:
     another sample size, or None for the exact selection at any length (``benchmarks/calibration.py`` compares them).
-    Sampled rows are gathered and selected together: one ``gather`` and one ``topk`` for the batch.
+    Sampled rows are gathered and selected together: one ``take`` and one selection for the batch.
     """
     width = gate.shape[-1]
     lengths = token_mask.sum(-1).tolist()  # real tokens per row
@@ -83,7 +84,9 @@ def _order_statistic(values: torch.Tensor, density: float) -> torch.Tensor:
     n_drop = n - round(density * n)
     if n_drop <= 0:  # density 1: keep everything, even exact zeros
         return values.new_full((values.shape[0],), -1.0)
-    return values.topk(n - n_drop + 1, dim=-1, sorted=False).values.amin(dim=-1)
+    if values.is_cuda:
+        return values.topk(n - n_drop + 1, dim=-1, sorted=False).values.amin(dim=-1)
+    return values.kthvalue(n_drop, dim=-1).values
 
 
 class CatsDecoder(SparseDecoder):

@@ -46,6 +46,13 @@ def _own_step() -> Callable:
     return types.FunctionType(_greedy_step.__code__.replace(), _greedy_step.__globals__, _greedy_step.__name__)
 
 
+def _standard_strides(module: nn.Module, args: tuple) -> tuple:
+    """The prompt's last positions ``(B, 1, D)``, sliced from ``(B, S, D)``, with the strides of a fresh tensor: with
+    the slice's own, torch's ``matmul`` cannot fold them into one ``mm`` when the head's weight needs no gradient (a
+    frozen PEFT model) and runs a batched product instead, 30% slower for SmolLM2's head on a CPU."""
+    return (args[0].clone(memory_format=torch.contiguous_format), *args[1:])
+
+
 class FastDecoder:
     """Greedy decoding of a Llama/Mistral/Qwen2/Qwen3 model, plain or with a Caprese adapter, in three modes.
 
@@ -199,7 +206,9 @@ class FastDecoder:
         # positions count real tokens only, as generate computes them for left-padded prompts
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
         disabled = self.model.disable_adapter() if self.mode == "dense" and self._has_adapter() else None
-        with disabled or contextlib.nullcontext():
+        head = self.model.get_output_embeddings()
+        hook = head.register_forward_pre_hook(_standard_strides) if head is not None else None
+        with disabled or contextlib.nullcontext(), hook or contextlib.nullcontext():
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
