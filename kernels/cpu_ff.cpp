@@ -7,6 +7,8 @@
 // The fused block walks the neurons in tiles: the gate rows of a tile, then the up rows and the down rows of
 // the neurons some sequence keeps, so each weight row is read at most once per step, as a contiguous stream,
 // and skipped rows are never touched. Weights are fp32, bf16 or fp16; every product is accumulated in fp32.
+// With a 4-bit stand-in (CapreseConfig.stand_in_bits=4, CATS), a neuron a row drops is computed from 4-bit copies
+// of its up and down rows instead, read only for neurons some row drops.
 // Threads (torch's intra-op OpenMP pool, at::parallel_for) split the neurons; each sums its own (B, D) partial
 // output, and the partials are added at the end: no atomics, the same order for every run.
 
@@ -88,6 +90,12 @@ inline Vec vexp(Vec x) {
 }
 inline Vec vdiv(Vec a, Vec b) { return _mm512_div_ps(a, b); }
 inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+// kWidth packed bytes: their low nibbles (lo) and high nibbles (hi) as signed 4-bit integers, in fp32
+inline void vload_q4(const uint8_t* p, Vec& lo, Vec& hi) {
+  const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 28), 28));
+  hi = _mm512_cvtepi32_ps(_mm512_srai_epi32(v, 4));
+}
 constexpr const char* kIsa = "avx512";
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int64_t kWidth = 8;
@@ -127,6 +135,11 @@ inline Vec vexp(Vec x) {
 }
 inline Vec vdiv(Vec a, Vec b) { return _mm256_div_ps(a, b); }
 inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline void vload_q4(const uint8_t* p, Vec& lo, Vec& hi) {
+  const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 28), 28));
+  hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 4));
+}
 constexpr const char* kIsa = "avx2";
 #else
 constexpr int64_t kWidth = 1;
@@ -142,6 +155,11 @@ inline float vsum(Vec v) { return v; }
 inline Vec vexp(Vec x) { return exp_scalar(x); }
 inline Vec vdiv(Vec a, Vec b) { return a / b; }
 inline Vec vmul(Vec a, Vec b) { return a * b; }
+inline void vload_q4(const uint8_t* p, Vec& lo, Vec& hi) {
+  const int v = static_cast<int8_t>(*p);
+  lo = static_cast<float>(static_cast<int8_t>(static_cast<uint8_t>(v << 4)) >> 4);
+  hi = static_cast<float>(v >> 4);
+}
 constexpr const char* kIsa = "scalar";
 #endif
 
@@ -237,6 +255,49 @@ inline void axpy_rows(float* acc, const T* const* rows, const T* const* next, co
       float a = acc[b * n + d];
       for (int g = 0; g < kGroup; ++g) a += coef[g * B + b] * static_cast<float>(rows[g][d]);
       acc[b * n + d] = a;
+    }
+  }
+}
+
+// ---- 4-bit rows (the stand-in of dropped neurons): a row of n weights (n a multiple of 32) is n / 2 bytes, in
+// blocks of 32 weights per 16 bytes; byte k of a block holds weight k in its low nibble and weight k + 16 in its
+// high nibble, two's complement. The row's scale is applied by the caller. ----
+
+constexpr int64_t kQ4Block = 32;
+
+// out[b] = x[b] . row for a 4-bit row of n weights
+template <int B>
+inline void dot_q4(const float* x, int64_t ldx, const uint8_t* row, int64_t n, float* out) {
+  Vec acc[B];
+  for (int b = 0; b < B; ++b) acc[b] = vzero();
+  for (int64_t d = 0; d < n; d += kQ4Block) {
+    const uint8_t* block = row + d / 2;
+    for (int64_t h = 0; h < kQ4Block / 2; h += kWidth) {
+      Vec lo, hi;
+      vload_q4(block + h, lo, hi);
+      for (int b = 0; b < B; ++b) {
+        acc[b] = vfma(vload(x + b * ldx + d + h), lo, acc[b]);
+        acc[b] = vfma(vload(x + b * ldx + d + kQ4Block / 2 + h), hi, acc[b]);
+      }
+    }
+  }
+  for (int b = 0; b < B; ++b) out[b] = vsum(acc[b]);
+}
+
+// acc[b] += coef[b] * row for a 4-bit row of n weights; acc is (B, n) fp32, row stride n
+template <int B>
+inline void axpy_q4(float* acc, const uint8_t* row, const float* coef, int64_t n) {
+  for (int64_t d = 0; d < n; d += kQ4Block) {
+    const uint8_t* block = row + d / 2;
+    for (int64_t h = 0; h < kQ4Block / 2; h += kWidth) {
+      Vec lo, hi;
+      vload_q4(block + h, lo, hi);
+      for (int b = 0; b < B; ++b) {
+        const Vec c = vset1(coef[b]);
+        float* a = acc + b * n + d + h;
+        vstore(a, vfma(c, lo, vload(a)));
+        vstore(a + kQ4Block / 2, vfma(c, hi, vload(a + kQ4Block / 2)));
+      }
     }
   }
 }
@@ -363,6 +424,10 @@ struct FFArgs {
   const float* threshold;  // (B,) or null
   const uint8_t* keep;     // (B, F) or null
   Activation act;
+  // the stand-in of the neurons a row drops (with threshold only): 4-bit up and down rows (F, D / 2) and their
+  // scales (2, F): up's, then down's; null without one
+  const uint8_t *stand_up, *stand_down;
+  const float* stand_scale;
 };
 
 // values rounded to T and back (bf16, fp16): what a torch op producing a T tensor stores
@@ -393,6 +458,8 @@ void gated_ff_range(const FFArgs& a, const Rows<T>& w, int64_t begin, int64_t en
   int64_t active[kTile];  // the tile's neurons some row keeps
   int64_t slot[kTile];    // where each active neuron's coefficients are in pre
   int64_t gated[kTile];   // the tile's FF neurons whose gate is computed
+  float stand_coef[kTile * B];  // activations of the neurons a row drops, 0 where the row keeps them, [s * B + b]
+  int64_t stand[kTile];         // the tile's neurons some row drops (with a stand-in)
   for (int64_t t0 = begin; t0 < end; t0 += kTile) {
     const int64_t t1 = std::min(end, t0 + kTile);
     int64_t n_active = 0;
@@ -413,14 +480,17 @@ void gated_ff_range(const FFArgs& a, const Rows<T>& w, int64_t begin, int64_t en
     round_to<T>(pre, n_gated * B);  // the gate as torch computes it in T: the same keep decisions
     activate(pre, n_gated * B, a.act);
     round_to<T>(pre, n_gated * B);
+    int64_t n_stand = 0;
     for (int64_t g = 0; g < n_gated; ++g) {
       const int64_t i = gated[g];
       float* c = pre + g * B;
-      bool any = false;
+      bool any = false, any_dropped = false;
       for (int b = 0; b < B; ++b) {
         bool kept = true;
         if (a.threshold != nullptr) kept = std::fabs(c[b]) > a.threshold[b];
         if (a.keep != nullptr) kept = a.keep[b * a.ff_size + i] != 0;
+        stand_coef[n_stand * B + b] = kept ? 0.0f : c[b];
+        any_dropped = any_dropped || (!kept && c[b] != 0.0f);
         c[b] = kept ? c[b] : 0.0f;
         any = any || kept;
       }
@@ -428,6 +498,7 @@ void gated_ff_range(const FFArgs& a, const Rows<T>& w, int64_t begin, int64_t en
         slot[n_active] = g;
         active[n_active++] = i;
       }
+      if (any_dropped && a.stand_up != nullptr) stand[n_stand++] = i;
     }
     for (int64_t i = std::max(t0, a.ff_size); i < t1; ++i) {  // the low-rank neurons
       for (int b = 0; b < B; ++b) pre[n_gated * B + b] = 1.0f;
@@ -452,6 +523,15 @@ void gated_ff_range(const FFArgs& a, const Rows<T>& w, int64_t begin, int64_t en
       const T* const* next = s + kGroup < n_active ? down_rows + s + kGroup : down_rows + s;
       axpy_rows<B>(acc, down_rows + s, next, z + s * B, D);
     }
+    // 4. the dropped neurons from their 4-bit rows: act * scale_up (x . up_q) * scale_down down_q
+    for (int64_t s = 0; s < n_stand; ++s) {
+      const int64_t i = stand[s];
+      float coef[B];
+      dot_q4<B>(a.x, D, a.stand_up + i * (D / 2), D, coef);
+      const float scale = a.stand_scale[i] * a.stand_scale[a.ff_size + i];
+      for (int b = 0; b < B; ++b) coef[b] *= scale * stand_coef[s * B + b];
+      axpy_q4<B>(acc, a.stand_down + i * (D / 2), coef, D);
+    }
   }
 }
 
@@ -475,7 +555,8 @@ void gated_ff_tile(const FFArgs& a, const Rows<T>& w, float* out) {
 at::Tensor gated_ff_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& low_up,
                         const at::Tensor& down_t, const at::Tensor& low_down,
                         const c10::optional<at::Tensor>& threshold, const c10::optional<at::Tensor>& keep,
-                        c10::string_view activation) {
+                        c10::string_view activation, const c10::optional<at::Tensor>& stand_up,
+                        const c10::optional<at::Tensor>& stand_down, const c10::optional<at::Tensor>& stand_scale) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "caprese_cpu::gated_ff: x must be (B, D) on the CPU, got ",
               x.sizes());
   const int64_t batch = x.size(0), hidden = x.size(1), ff_size = gate.size(0), rank = low_up.size(0);
@@ -501,6 +582,24 @@ at::Tensor gated_ff_cpu(const at::Tensor& x, const at::Tensor& gate, const at::T
     TORCH_CHECK(kp.dim() == 2 && kp.size(0) == batch && kp.size(1) == ff_size,
                 "caprese_cpu::gated_ff: keep must be (B, ff_size) = (", batch, ", ", ff_size, "), got ", kp.sizes());
   }
+  const bool has_stand = stand_up.has_value();
+  TORCH_CHECK(has_stand == stand_down.has_value() && has_stand == stand_scale.has_value(),
+              "caprese_cpu::gated_ff: stand_up, stand_down and stand_scale go together");
+  if (has_stand) {
+    TORCH_CHECK(threshold.has_value(), "caprese_cpu::gated_ff: a stand-in needs a threshold (CATS)");
+    TORCH_CHECK(hidden % kQ4Block == 0, "caprese_cpu::gated_ff: a 4-bit stand-in needs D a multiple of ", kQ4Block,
+                ", got ", hidden);
+    for (const at::Tensor* t : {&*stand_up, &*stand_down}) {
+      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kByte && t->is_contiguous() && t->dim() == 2 &&
+                      t->size(0) == ff_size && t->size(1) == hidden / 2,
+                  "caprese_cpu::gated_ff: stand_up and stand_down must be contiguous uint8 (", ff_size, ", ",
+                  hidden / 2, ") on the CPU, got ", t->sizes(), " ", t->scalar_type());
+    }
+    TORCH_CHECK(stand_scale->device().is_cpu() && stand_scale->scalar_type() == at::kFloat &&
+                    stand_scale->is_contiguous() && stand_scale->numel() == 2 * ff_size,
+                "caprese_cpu::gated_ff: stand_scale must be contiguous float32 (2, ", ff_size, "), got ",
+                stand_scale->sizes());
+  }
   at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({batch, hidden}, x.options().dtype(at::kFloat));
   const Activation act = parse_activation(activation);
@@ -513,7 +612,10 @@ at::Tensor gated_ff_cpu(const at::Tensor& x, const at::Tensor& gate, const at::T
              ff_size + rank,
              thr.defined() ? thr.data_ptr<float>() + b0 : nullptr,
              kp.defined() ? kp.data_ptr<uint8_t>() + b0 * ff_size : nullptr,
-             act};
+             act,
+             has_stand ? stand_up->data_ptr<uint8_t>() : nullptr,
+             has_stand ? stand_down->data_ptr<uint8_t>() : nullptr,
+             has_stand ? stand_scale->data_ptr<float>() : nullptr};
     float* o = out.data_ptr<float>() + b0 * hidden;
     with_dtype(x.scalar_type(), [&](auto* tag) {
       using scalar_t = std::remove_pointer_t<decltype(tag)>;
@@ -534,7 +636,8 @@ TORCH_LIBRARY(caprese_cpu, m) {
   m.def("linear(Tensor x, Tensor weight) -> Tensor");
   m.def(
       "gated_ff(Tensor x, Tensor gate, Tensor up, Tensor low_up, Tensor down_t, Tensor low_down, Tensor? threshold, "
-      "Tensor? keep, str activation) -> Tensor");
+      "Tensor? keep, str activation, Tensor? stand_up=None, Tensor? stand_down=None, Tensor? stand_scale=None) -> "
+      "Tensor");
   m.def("isa() -> str", &isa);
 }
 

@@ -9,7 +9,9 @@ registers two ``torch.library`` ops, so ``torch.compile`` traces them as opaque 
   gated MLP over the neuron-major layout of ``caprese_peft.kernels.CatsFFWeights`` (``gate, up, down_t (F, D)``
   and the ``r`` low-rank neurons ``low_up = L^T``, ``low_down = R`` with gate 1), keeping neuron ``i`` for row
   ``b`` where ``|act(gate)| > threshold[b]`` (CATS), where ``keep[b, i]`` (GRIFFIN on the union of the rows'
-  neurons), or always (dense). Up and down rows of a neuron no row keeps are never read.
+  neurons), or always (dense). Up and down rows of a neuron no row keeps are never read. With a threshold, the
+  optional ``stand_up, stand_down, stand_scale`` (``StandIn4``) add the neurons a row drops from 4-bit copies of
+  their up and down rows (``CapreseConfig.stand_in_bits=4``), read only for neurons some row drops.
 
 Each op has a pure-torch reference here (``linear_reference``, ``gated_ff_reference``), itself checked against
 the specifications in ``caprese_peft.sparse_ff``; the public functions take ``use_kernels`` like ``caprese_peft.kernels.cats_ff``:
@@ -24,6 +26,7 @@ import os
 import platform
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +120,10 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape[0], weight.shape[0])
 
     @torch.library.register_fake("caprese_cpu::gated_ff")
-    def _gated_ff_fake(x, gate, up, low_up, down_t, low_down, threshold, keep, activation) -> torch.Tensor:
+    def _gated_ff_fake(
+        x, gate, up, low_up, down_t, low_down, threshold, keep, activation, stand_up=None, stand_down=None,
+        stand_scale=None,
+    ) -> torch.Tensor:  # fmt: skip
         return torch.empty_like(x)
 
 
@@ -153,6 +159,65 @@ def op_problem(x: torch.Tensor, *weights: torch.Tensor) -> str | None:
     return None
 
 
+# ---- the 4-bit stand-in of dropped neurons ----
+
+Q4_BLOCK = 32  # weights per packed block: byte k holds weight k (low nibble) and weight k + 16 (high nibble)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """``codes (N, D)`` int8 in [-8, 7], ``D`` a multiple of 32, as the op reads them: ``(N, D / 2)`` uint8."""
+    n, d = codes.shape
+    if d % Q4_BLOCK:
+        raise ValueError(f"4-bit rows need a width that is a multiple of {Q4_BLOCK}, got {d}.")
+    blocks = codes.view(n, d // Q4_BLOCK, 2, Q4_BLOCK // 2).to(torch.int16) & 0xF  # (N, blocks, nibble, 16)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).to(torch.uint8).reshape(n, d // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``pack_int4``: ``(N, D / 2)`` uint8 to ``(N, D)`` int8."""
+    n, half = packed.shape
+    signed = packed.view(torch.int8).view(n, half // (Q4_BLOCK // 2), 1, Q4_BLOCK // 2).to(torch.int16)
+    low, high = (signed << 12) >> 12, signed >> 4  # the nibbles, sign-extended
+    return torch.cat([low, high], dim=2).to(torch.int8).reshape(n, 2 * half)
+
+
+@dataclass
+class StandIn4:
+    """The 4-bit stand-in of a block's neurons, as ``caprese_cpu::gated_ff`` reads it (``CapreseConfig.stand_in_bits=4``).
+
+    ``up`` and ``down`` hold ``W1`` and ``W2^T`` row by row (one row per neuron), quantized as
+    ``caprese_peft.sparse_ff.quantize_rows`` does, packed by ``pack_int4``; ``scale`` their rows' scales.
+    """
+
+    up: torch.Tensor  # (F, D / 2) uint8
+    down: torch.Tensor  # (F, D / 2) uint8
+    scale: torch.Tensor  # (2, F) fp32: up's, then down's
+
+    def op_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.up, self.down, self.scale
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W1_q, W2^T_q)``, ``(F, D)`` fp32 each."""
+        return tuple(unpack_int4(w).float() * s[:, None] for w, s in zip((self.up, self.down), self.scale))
+
+    def problem(self, hidden: int) -> str | None:
+        if self.up.device.type != "cpu":
+            return "the stand-in is not on the CPU"
+        if 2 * self.up.shape[1] != hidden:
+            return f"the stand-in's rows hold {2 * self.up.shape[1]} weights, x has {hidden}"
+        return None
+
+
+def prepare_stand_in(up_weight: torch.Tensor, down_weight: torch.Tensor) -> StandIn4:
+    """``W1 (F, D)`` and ``W2 (D, F)`` quantized to 4 bits row by row (per neuron) and packed for the op."""
+    from ..sparse_ff import quantize_rows
+
+    up_q = quantize_rows(up_weight, 4)
+    down_q = quantize_rows(down_weight.t().contiguous(), 4)
+    scale = torch.stack([up_q.scale.reshape(-1), down_q.scale.reshape(-1)]).float().contiguous()
+    return StandIn4(pack_int4(up_q.codes), pack_int4(down_q.codes), scale)
+
+
 # ---- linear ----
 
 
@@ -179,20 +244,27 @@ def gated_ff_reference(
     activation: str,
     threshold: torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
+    stand_in: StandIn4 | None = None,
 ) -> torch.Tensor:
     """What ``caprese_cpu::gated_ff`` computes, in torch and fp32: ``(B, D) -> (B, D)`` in ``x``'s dtype.
 
     ``weights`` has ``op_args()`` as ``CatsFFWeights``. Equals ``cats_merged_ff`` (threshold), ``griffin_merged_ff``
-    (keep over union weights) or the dense gated MLP (neither); the tests check each link.
+    (keep over union weights) or the dense gated MLP (neither); the tests check each link. ``stand_in`` (with a
+    threshold) adds the dropped neurons from their 4-bit rows, as ``CapreseLayer.stand_in`` does.
     """
     gate, up, low_up, down_t, low_down = (w.float() for w in weights.op_args())
     xf = x.float()
     g = ACTIVATIONS[activation](xf @ gate.T)  # (B, F)
+    out = (xf @ low_up.T) @ low_down
     if threshold is not None:
-        g = g * (g.abs() > threshold.float().view(-1, 1))
+        kept = g.abs() > threshold.float().view(-1, 1)
+        if stand_in is not None:
+            up_q, down_q = stand_in.dequantized()
+            out = out + ((g * ~kept) * (xf @ up_q.T)) @ down_q
+        g = g * kept
     elif keep is not None:
         g = g * keep.bool()
-    return ((g * (xf @ up.T)) @ down_t + (xf @ low_up.T) @ low_down).to(x.dtype)
+    return ((g * (xf @ up.T)) @ down_t + out).to(x.dtype)
 
 
 def gated_ff(
@@ -201,22 +273,28 @@ def gated_ff(
     activation: str,
     threshold: torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
+    stand_in: StandIn4 | None = None,
     *,
     use_kernels: bool | None = None,
 ) -> torch.Tensor:
     """The fused gated FF block on decode tokens ``x (B, D)``: the C++ op where it applies, else the reference.
 
-    ``weights``: ``CatsFFWeights`` (anything with ``op_args()``).
+    ``weights``: ``CatsFFWeights`` (anything with ``op_args()``); ``stand_in``: ``StandIn4``, with a threshold only.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
     if threshold is not None and keep is not None:
         raise ValueError("Pass threshold (CATS) or keep (GRIFFIN), not both.")
+    if stand_in is not None and threshold is None:
+        raise ValueError("A stand-in of dropped neurons needs a threshold (CATS).")
     args = weights.op_args()
     problem = op_problem(x, *args)
+    if problem is None and stand_in is not None:
+        problem = stand_in.problem(x.shape[-1])
     if _use_op(use_kernels, problem is None, problem or ""):
-        return torch.ops.caprese_cpu.gated_ff(x, *args, threshold, keep, activation)
-    return gated_ff_reference(x, weights, activation, threshold, keep)
+        extra = stand_in.op_args() if stand_in is not None else (None, None, None)
+        return torch.ops.caprese_cpu.gated_ff(x, *args, threshold, keep, activation, *extra)
+    return gated_ff_reference(x, weights, activation, threshold, keep, stand_in)
 
 
 # ---- the three uses: dense, CATS, GRIFFIN past batch 1 ----
@@ -239,17 +317,24 @@ def dense_ff(x: torch.Tensor, weights: Any, activation: str, *, use_kernels: boo
 
 
 def cats_ff_cpu(
-    x: torch.Tensor, weights: Any, threshold: torch.Tensor, activation: str, *, use_kernels: bool | None = None
+    x: torch.Tensor,
+    weights: Any,
+    threshold: torch.Tensor,
+    activation: str,
+    stand_in: StandIn4 | None = None,
+    *,
+    use_kernels: bool | None = None,
 ) -> torch.Tensor:
     """CATS + low rank on ``x (B, D)`` with ``caprese_peft.kernels.CatsFFWeights``; ``threshold (B,)``, one per sequence.
 
     Specification: ``caprese_peft.sparse_ff.cats_merged_ff``. Reads every gate row, then the up and down rows of
-    the neurons at least one sequence keeps, and the ``r`` low-rank rows.
+    the neurons at least one sequence keeps, and the ``r`` low-rank rows; with ``stand_in``, the 4-bit up and down
+    rows of the neurons some sequence drops.
     """
     threshold = threshold.reshape(-1).float()
     if threshold.numel() != x.shape[0]:
         raise ValueError(f"threshold needs one value per sequence ({x.shape[0]}), got {tuple(threshold.shape)}.")
-    return gated_ff(x, weights, activation, threshold=threshold, use_kernels=use_kernels)
+    return gated_ff(x, weights, activation, threshold=threshold, stand_in=stand_in, use_kernels=use_kernels)
 
 
 def griffin_ff_cpu(

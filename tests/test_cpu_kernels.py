@@ -19,10 +19,20 @@ from caprese_peft.kernels.cpu_ff import (
     linear,
     linear_reference,
     load_extension,
+    pack_int4,
     prepare_dense_weights,
+    prepare_stand_in,
+    unpack_int4,
 )
 from caprese_peft.kernels.problems import ff_problem
-from caprese_peft.sparse_ff import ACTIVATIONS, cats_merged_ff, griffin_merged_ff, griffin_merged_weights, keep_indices
+from caprese_peft.sparse_ff import (
+    ACTIVATIONS,
+    cats_merged_ff,
+    griffin_merged_ff,
+    griffin_merged_weights,
+    keep_indices,
+    quantize_rows,
+)
 
 D, FF, R = 72, 200, 8  # odd sizes: no vector width or tile divides them
 # rtol = atol on |out|; the ops accumulate in fp32 and round once at the end, so low-precision error is the
@@ -230,6 +240,10 @@ def test_ops_pass_opcheck():
     for thr, kp in ((threshold, None), (None, keep), (None, None)):
         args = (x, *w.op_args(), thr, kp, "silu")
         torch.library.opcheck(torch.ops.caprese_cpu.gated_ff.default, args, test_utils=tests)
+    x, weights = make_problem(2, torch.float32, seed=3, hidden=D_Q4)  # with a 4-bit stand-in
+    args = (x, *prepare_cats_weights(*weights).op_args(), half_threshold(x, weights[0], F.silu), None, "silu")
+    stand_in = prepare_stand_in(weights[1], weights[2]).op_args()
+    torch.library.opcheck(torch.ops.caprese_cpu.gated_ff.default, (*args, *stand_in), test_utils=tests)
 
 
 @requires_op
@@ -242,6 +256,13 @@ def test_ops_compile_without_graph_breaks():
         h = cats_ff_cpu(x, w, threshold, "silu", use_kernels=True)
         return linear(h, w.gate, use_kernels=True) * 2
 
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), step(x), rtol=1e-6, atol=1e-6)
+    x, weights = make_problem(3, torch.float32, seed=4, hidden=D_Q4)  # the 4-bit stand-in too
+    w, stand_in = prepare_cats_weights(*weights), prepare_stand_in(weights[1], weights[2])
+    threshold = half_threshold(x, weights[0], F.silu)
+    step = lambda x: cats_ff_cpu(x, w, threshold, "silu", stand_in, use_kernels=True)  # noqa: E731
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), step(x), rtol=1e-6, atol=1e-6)
@@ -276,3 +297,69 @@ def test_bad_inputs_fail_early_with_a_reason():
         torch.ops.caprese_cpu.gated_ff(
             x.detach(), w.gate, w.up[:5], w.low_up, w.down_t, w.low_down, threshold, None, "silu"
         )
+
+
+# ---- the 4-bit stand-in of dropped neurons (CapreseConfig.stand_in_bits=4) ----
+
+D_Q4 = 96  # 4-bit rows come in blocks of 32 weights
+
+
+def stand_in_spec(x, weights, threshold, act):
+    """CATS + low rank + the dropped neurons from ``quantize_rows(., 4)``, as ``CapreseLayer.stand_in`` adds them."""
+    gate_w, up_w, down_w = (w.float() for w in weights[:3])
+    up_q = quantize_rows(up_w, 4).dequantize()
+    down_q = quantize_rows(down_w.t().contiguous(), 4).dequantize()
+    g = act(x.float() @ gate_w.T)
+    dropped = ~(g.abs() > threshold.float()[:, None])
+    return cats_spec(x, weights, threshold, act).float() + ((g * dropped) * (x.float() @ up_q.T)) @ down_q
+
+
+def test_int4_packing_round_trips():
+    codes = torch.randint(-8, 8, (5, 64), dtype=torch.int8)
+    packed = pack_int4(codes)
+    assert packed.shape == (5, 32) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed), codes)
+    # byte k of a block: weight k low, weight k + 16 high
+    assert int(packed[0, 0]) == (int(codes[0, 0]) & 0xF) | ((int(codes[0, 16]) & 0xF) << 4)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        pack_int4(codes[:, :48])
+
+
+@requires_op
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_stand_in_op_matches_its_specification(dtype, batch):
+    x, weights = make_problem(batch, dtype, seed=40 + batch, hidden=D_Q4)
+    threshold = half_threshold(x, weights[0], F.silu)
+    stand_in = prepare_stand_in(weights[1], weights[2])
+    out = cats_ff_cpu(x, prepare_cats_weights(*weights), threshold, "silu", stand_in, use_kernels=True)
+    reference = cats_ff_cpu(x, prepare_cats_weights(*weights), threshold, "silu", stand_in, use_kernels=False)
+    assert_close(out, reference, dtype)
+    if dtype == torch.float32:  # the reference is the layer's formula (low precision dequantizes in another order)
+        assert_close(reference, stand_in_spec(x, weights, threshold, F.silu).to(dtype), dtype)
+    # it can fail: without the stand-in the output differs by more than the tolerance
+    plain = cats_ff_cpu(x, prepare_cats_weights(*weights), threshold, "silu", use_kernels=True)
+    tol = TOLERANCES[dtype]
+    assert not torch.allclose(plain.float(), out.float(), rtol=tol, atol=tol)
+
+
+@requires_op
+def test_stand_in_reads_no_row_of_a_neuron_every_sequence_keeps():
+    x, weights = make_problem(2, torch.float32, seed=7, hidden=D_Q4)
+    threshold = half_threshold(x, weights[0], F.silu)
+    stand_in = prepare_stand_in(weights[1], weights[2])
+    expected = cats_ff_cpu(x, prepare_cats_weights(*weights), threshold, "silu", stand_in, use_kernels=True)
+    kept_by_all = (F.silu(x @ weights[0].T).abs() > threshold[:, None]).all(dim=0)  # (F,)
+    assert kept_by_all.sum() > 10
+    stand_in.scale[:, kept_by_all] = float("nan")  # a read of these neurons' 4-bit rows would give nan
+    out = cats_ff_cpu(x, prepare_cats_weights(*weights), threshold, "silu", stand_in, use_kernels=True)
+    assert_close(out, expected, torch.float32)
+
+
+def test_stand_in_needs_a_threshold_and_whole_blocks():
+    x, weights = make_problem(1, torch.float32, seed=3, hidden=D_Q4)
+    stand_in = prepare_stand_in(weights[1], weights[2])
+    with pytest.raises(ValueError, match="needs a threshold"):
+        gated_ff(x, prepare_cats_weights(*weights), "silu", stand_in=stand_in)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        prepare_stand_in(*make_problem(1, torch.float32, seed=3)[1][1:3])

@@ -131,7 +131,9 @@ class SparseDecoder:
         if not self.has_fast_path:
             return f"the {self.backbone.name!r} backbone has no merged form"
         if self.layer.caprese_stand_in.get(self.adapter):
-            return "the stand-in of dropped neurons (stand_in_bits) has no merged form here"
+            problem = self.stand_in_problem(x)
+            if problem is not None:
+                return problem
         biased = [
             p for p in ("gate_proj", "up_proj", "down_proj") if getattr(self.layer.base_layer, p).bias is not None
         ]
@@ -145,6 +147,10 @@ class SparseDecoder:
                 "are built without autograd; decode under torch.no_grad(), or train with teacher forcing"
             )
         return self.fast_problem(x)
+
+    def stand_in_problem(self, x: torch.Tensor) -> str | None:
+        """Why ``fast`` cannot add the adapter's stand-in of dropped neurons (``stand_in_bits``) for ``x``."""
+        return "the stand-in of dropped neurons (stand_in_bits) has no merged form here"
 
     def fast_problem(self, x: torch.Tensor) -> str | None:
         """What, beyond biases and gradients, keeps ``fast`` from computing ``x``; None when nothing does."""

@@ -155,11 +155,15 @@ class FastDecoder:
         biased = [p for p in ("gate_proj", "up_proj", "down_proj") if getattr(mlp.base_layer, p).bias is not None]
         if biased:
             raise ValueError(f"Layer {index}: {', '.join(biased)} have biases, which merged decode leaves out.")
-        if layer.caprese_stand_in.get(self.adapter):
-            raise ValueError(
-                f"Layer {index}: the lean step has no stand-in of dropped neurons (stand_in_bits); use "
-                "model.generate(...) for this adapter."
-            )
+        if self.mode == "caprese" and layer.caprese_stand_in.get(self.adapter):
+            weight = mlp.base_layer.up_proj.weight
+            probe = weight.new_empty(1, 1, weight.shape[1], requires_grad=False)
+            problem = layer.caprese_decoder[self.adapter].stand_in_problem(probe) if self.cpu_ops else "no C++ ops"
+            if problem is not None:
+                raise ValueError(
+                    f"Layer {index}: the lean step cannot add the stand-in of dropped neurons (stand_in_bits): "
+                    f"{problem}; use model.generate(...) for this adapter."
+                )
         try:
             return layer.caprese_decoder[self.adapter].lean_ff(self.mode == "caprese", self.use_kernels, self.cpu_ops)
         except ValueError as error:

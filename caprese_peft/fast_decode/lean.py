@@ -211,8 +211,9 @@ class CatsFF(nn.Module):
     """
 
     WEIGHTS = CPU_WEIGHTS  # CatsFFWeights' fields, in its order
+    STAND_IN = ("stand_up", "stand_down", "stand_scale")  # StandIn4's fields, in its order
 
-    def __init__(self, decoder: Any, low_rank: bool, use_kernels: bool | None) -> None:
+    def __init__(self, decoder: Any, low_rank: bool, use_kernels: bool | None, stand_in: bool = False) -> None:
         super().__init__()
         from ..kernels import CatsFFWeights, cats_ff
 
@@ -229,6 +230,15 @@ class CatsFF(nn.Module):
         object.__setattr__(self, "_cats_ff", cats_ff)
         object.__setattr__(self, "_weights_cls", CatsFFWeights)
         self.register_buffer("threshold", None, persistent=False)  # (B,) fp32
+        self.stand_in = None  # the 4-bit stand-in of dropped neurons (kernels.cpu_ff.StandIn4), C++ op only
+        if stand_in:
+            from ..kernels.cpu_ff import StandIn4, cats_ff_cpu
+
+            for name, tensor in zip(self.STAND_IN, decoder.stand_in().op_args()):
+                self.register_buffer(name, _static(tensor), persistent=False)
+            object.__setattr__(self, "_cats_ff_cpu", cats_ff_cpu)
+            object.__setattr__(self, "_stand_in_cls", StandIn4)
+            self.stand_in = True
 
     @property
     def weights(self) -> Any:
@@ -244,7 +254,13 @@ class CatsFF(nn.Module):
         if self.activation is None:
             act = self.decoder.layer.base_layer.act_fn
             return cats_merged_ff(x, *self.weights.reference_args(), self.threshold.view(-1, 1, 1), act)
-        out = self._cats_ff(x[:, 0], self.weights, self.threshold, self.activation, use_kernels=self.use_kernels)
+        if self.stand_in:
+            stand_in = self._stand_in_cls(*(getattr(self, name) for name in self.STAND_IN))
+            out = self._cats_ff_cpu(
+                x[:, 0], self.weights, self.threshold, self.activation, stand_in, use_kernels=self.use_kernels
+            )
+        else:
+            out = self._cats_ff(x[:, 0], self.weights, self.threshold, self.activation, use_kernels=self.use_kernels)
         return out[:, None]  # (B, 1, D)
 
     def weight_bytes(self, batch: int, density: float | None = None) -> int:
@@ -255,7 +271,12 @@ class CatsFF(nn.Module):
         density = self.decoder.backbone.density if density is None else density
         row_bytes = (self.up.nbytes + self.down_t.nbytes) / self.up.shape[0]  # one neuron's up and down rows
         low_rank = self.low_up.nbytes + self.low_down.nbytes
-        return self.gate.nbytes + round(density * self.up.shape[0] * row_bytes) + low_rank
+        kept = self.gate.nbytes + round(density * self.up.shape[0] * row_bytes) + low_rank
+        if not self.stand_in:
+            return kept
+        # the dropped neurons' 4-bit up and down rows and their two scales
+        stand_row = (self.stand_up.nbytes + self.stand_down.nbytes + self.stand_scale.nbytes) / self.up.shape[0]
+        return kept + round((1 - density) * self.up.shape[0] * stand_row)
 
 
 class Attention(nn.Module):
