@@ -1,7 +1,8 @@
 """End-to-end decoding of SmolLM2-135M-Instruct on this CPU with FastDecoder: dense against Caprese, each at its best.
 
-For dense, Caprese(CATS 0.5) and Caprese(GRIFFIN 0.5) (all layers; a fresh adapter of ``--rank``: speed does not
-depend on the values of L and R) and each batch size, FastDecoders are built in every form:
+For dense, Caprese(CATS 0.5), Caprese(CATS 0.5) with the 4-bit stand-in of dropped neurons (``cats-int4``, forms
+with the C++ ops only) and Caprese(GRIFFIN 0.5) (all layers; a fresh adapter of ``--rank``: speed does not depend on
+the values of L and R) and each batch size, FastDecoders are built in every form:
 
 - ``torch``: the lean step on torch's own ops (MKL's GEMV), eager; ``torch-compiled``: the same under inductor;
 - ``ops``: the C++ ops of ``caprese_peft.kernels.cpu_ff`` for every GEMV and FF block, eager; ``ops-compiled``: under
@@ -49,15 +50,23 @@ FORMS = {  # name: (FastDecoder options, the C++ GEMV for attention and the lm_h
     "ops-compiled": (dict(compile="default"), True),
     "ff-ops-compiled": (dict(compile="default"), False),
 }
+MODES = {  # name: adapter options (None: the base model)
+    "dense": None,
+    "cats": dict(backbone="cats", density=0.5),
+    "cats-int4": dict(backbone="cats", density=0.5, stand_in_bits=4),
+    "griffin": dict(backbone="griffin", density=0.5),
+}
+OPS_ONLY = {"cats-int4"}  # the stand-in's fast path is the C++ op
 
 
-def build_models(rank: int) -> tuple[dict, object]:
-    """``{mode: (model, FastDecoder mode)}``: the base model and two Caprese adapters, each on its own copy."""
+def build_models(rank: int, modes: list[str]) -> tuple[dict, object]:
+    """``{mode: (model, FastDecoder mode)}``: the base model and the Caprese adapters, each on its own copy."""
     base, tokenizer = caprese_peft.load_smollm2()
     models = {"dense": (base.eval(), "dense")}
-    for backbone in ("cats", "griffin"):
-        copy, _ = caprese_peft.load_smollm2()
-        models[backbone] = (get_peft_model(copy, CapreseConfig(backbone=backbone, density=0.5, r=rank)).eval(), None)
+    for mode in modes:
+        if MODES[mode] is not None:
+            copy, _ = caprese_peft.load_smollm2()
+            models[mode] = (get_peft_model(copy, CapreseConfig(**MODES[mode], r=rank)).eval(), None)
     return models, tokenizer
 
 
@@ -75,7 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=GSM8K)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--modes", nargs="+", default=["dense", "cats", "griffin"])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--forms", nargs="+", default=list(FORMS), choices=list(FORMS))
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
@@ -88,7 +97,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not load_extension():
         sys.exit("The C++ CPU ops could not be built; see the warning above.")
-    models, tokenizer = build_models(args.rank)
+    models, tokenizer = build_models(args.rank, args.modes)
     problems = load_problems(args.data, split="dev", limit=max(args.batches))
     prompts = [user_message(p["question"]) for p in problems]
     bandwidth = [read_bandwidth_gbps(512)]
@@ -100,8 +109,9 @@ def main() -> None:
         max_seq_len = ids.shape[1] + steps + 1
         for mode in args.modes:
             model, fast_mode = models[mode]
-            decoders = {form: decoder(model, fast_mode, form, max_seq_len) for form in args.forms}
-            tokens, generated, ttft = {}, {form: [] for form in args.forms}, {form: [] for form in args.forms}
+            forms = [f for f in args.forms if mode not in OPS_ONLY or FORMS[f][0].get("use_kernels", True)]
+            decoders = {form: decoder(model, fast_mode, form, max_seq_len) for form in forms}
+            tokens, generated, ttft = {}, {form: [] for form in forms}, {form: [] for form in forms}
             with torch.no_grad():
                 for form, fast in decoders.items():
                     for _ in range(3):  # TTFT: the median of three prefills, the first also warming up
@@ -111,9 +121,9 @@ def main() -> None:
                         ttft[form].append(time.perf_counter() - start)
                     tokens[form] = fast.decode_greedy(tokens[form])  # warm-up, and the compile
                     generated[form].append(tokens[form])
-                times = {form: [] for form in args.forms}
+                times = {form: [] for form in forms}
                 for _ in range(args.rounds):
-                    for form in args.forms:
+                    for form in forms:
                         loads.append(wait_quiet(args.max_wait))
                         fast = decoders[form]
                         start = time.perf_counter()
@@ -124,7 +134,7 @@ def main() -> None:
                         times[form].append((time.perf_counter() - start) / args.block)
             bandwidth.append(read_bandwidth_gbps(512))
             best_bandwidth = max(bandwidth)  # other processes only ever lower a measurement
-            reference = torch.stack(generated[args.forms[0]], 1)
+            reference = torch.stack(generated[forms[0]], 1)
             for form, fast in decoders.items():
                 ms = statistics.median(times[form]) * 1e3
                 weight_bytes = fast.lean.weight_bytes()
@@ -140,7 +150,7 @@ def main() -> None:
                     "gb_per_s": round(weight_bytes / ms / 1e6, 1),
                     "floor_ms": round(floor, 2),
                     "x_floor": round(ms / floor, 2),
-                    f"rows_identical_to_{args.forms[0]}": torch.stack(generated[form], 1)
+                    f"rows_identical_to_{forms[0]}": torch.stack(generated[form], 1)
                     .eq(reference)
                     .all(1)
                     .float()
@@ -172,17 +182,17 @@ def summarize(rows: list[dict], batches: list[int]) -> dict:
     """Each mode's best form against dense's best form, per batch size: TTNT, TTFT, speed-up."""
     best, lines = {}, []
     for batch in batches:
-        for mode in ("dense", "cats", "griffin"):
+        for mode in MODES:
             candidates = [r for r in rows if r["mode"] == mode and r["batch"] == batch]
             if candidates:
                 best[(mode, batch)] = min(candidates, key=lambda r: r["ttnt_ms"])
         dense = best.get(("dense", batch))
-        for mode in ("dense", "cats", "griffin"):
+        for mode in MODES:
             row = best.get((mode, batch))
             if row is None or dense is None:
                 continue
             lines.append(
-                f"batch {batch} {mode:<8} best {row['form']:<16} TTNT {row['ttnt_ms']:6.2f} ms ({row['x_floor']:.2f}x floor)"
+                f"batch {batch} {mode:<9} best {row['form']:<16} TTNT {row['ttnt_ms']:6.2f} ms ({row['x_floor']:.2f}x floor)"
                 f"  speed-up {dense['ttnt_ms'] / row['ttnt_ms']:.3f}x  TTFT {row['ttft_ms']:.1f} ms "
                 f"({row['ttft_ms'] / dense['ttft_ms']:.3f}x dense)"
             )
