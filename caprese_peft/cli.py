@@ -13,6 +13,9 @@ from .backbones import check_density
 from .config import resolve_layers
 
 DEFAULT_DATA = "../shared/data/gsm8k/train.jsonl"
+# the stand-in `distill` gives a fresh adapter by default: the best recipe measured per backbone (docs/recovery.md);
+# GRIFFIN's would read its pruned neurons' gate rows too and has no fast decode path
+DEFAULT_STAND_IN_BITS = {"cats": 4}
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -48,7 +51,11 @@ def build_adapter(base, args: argparse.Namespace):
     if args.init:
         return PeftModel.from_pretrained(base, args.init, is_trainable=True)
     layers = resolve_layers(args.layers, base.config.get_text_config().num_hidden_layers)
-    config = CapreseConfig(backbone=args.backbone, density=args.density, r=args.rank, layers_to_transform=layers)
+    bits = getattr(args, "stand_in_bits", None)
+    bits = DEFAULT_STAND_IN_BITS.get(args.backbone) if bits is None else bits or None  # 0: none
+    config = CapreseConfig(
+        backbone=args.backbone, density=args.density, r=args.rank, layers_to_transform=layers, stand_in_bits=bits
+    )
     return get_peft_model(base, config)
 
 
@@ -336,7 +343,13 @@ def main(argv: list[str] | None = None) -> None:
     distill = commands.add_parser("distill", help="train a Caprese adapter (layer-wise, closed-form or end-to-end)")
     distill.add_argument("--data", required=True, help="prompt-completion JSONL (from `synth`) or dataset name")
     distill.add_argument("--output", required=True, help="folder for the adapter (and trainer checkpoints)")
-    distill.add_argument("--stage", default="layerwise", choices=["layerwise", "closed-form", "e2e"])
+    distill.add_argument(
+        "--stage",
+        default="closed-form",
+        choices=["layerwise", "closed-form", "e2e"],
+        help="closed-form (default): the exact solution of equation 7, the best measured recipe with CATS's stand-in "
+        "(docs/recovery.md); layerwise: equation 7 by Adam (paper Table 6); e2e: equation 8, usually from --init",
+    )
     distill.add_argument("--model", default="smollm2")
     distill.add_argument("--init", help="start from this adapter (e.g. the layer-wise result for 'e2e')")
     distill.add_argument(
@@ -346,6 +359,12 @@ def main(argv: list[str] | None = None) -> None:
     distill.add_argument("--density", type=float, default=0.5)
     distill.add_argument("--rank", type=int, default=256)
     distill.add_argument("--layers", default="all", help="'all', 'first-half' or indices like 0,1,2")
+    distill.add_argument(
+        "--stand-in-bits",
+        type=int,
+        help="bits of the stand-in of dropped neurons (CapreseConfig.stand_in_bits); default: 4 for CATS, the best "
+        "measured recipe (docs/recovery.md), none for GRIFFIN; 0 for none",
+    )
     distill.add_argument("--epochs", type=float, help="default: 20 layer-wise, 3 end-to-end (paper Table 6)")
     distill.add_argument("--lr", type=float, help="default: 1e-3 layer-wise, 2e-5 end-to-end")
     distill.add_argument("--batch-size", type=int, default=8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -74,7 +75,28 @@ def test_synth_then_distill_all_stages(tmp_path, model_dir, problems_file):
         loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / stage)
         rights = [p for n, p in loaded.named_parameters() if "caprese_R" in n]
         assert rights and all(torch.count_nonzero(r) > 0 for r in rights)  # trained away from the zero init
-    assert json.loads((tmp_path / "e2e" / "adapter_config.json").read_text())["r"] == 4
+    config = json.loads((tmp_path / "e2e" / "adapter_config.json").read_text())
+    assert config["r"] == 4
+    assert config["stand_in_bits"] == 4  # CATS's default recipe carries the 4-bit stand-in through --init
+    # data and backbone only: the best measured recipe, closed form with CATS's 4-bit stand-in
+    main(["distill", *common, "--output", str(tmp_path / "default")])
+    assert json.loads((tmp_path / "default" / "distill_summary.json").read_text())["stage"] == "closed-form"
+    assert json.loads((tmp_path / "default" / "adapter_config.json").read_text())["stand_in_bits"] == 4
+
+
+def test_distill_stand_in_default_follows_the_backbone():
+    from caprese_peft.cli import build_adapter
+
+    def bits(*flags: str) -> int | None:
+        args = argparse.Namespace(init=None, layers="all", density=0.5, rank=2, stand_in_bits=None)
+        for flag, value in zip(flags[::2], flags[1::2]):
+            setattr(args, flag, value)
+        return build_adapter(tiny_model("llama"), args).peft_config["default"].stand_in_bits
+
+    assert bits("backbone", "cats") == 4
+    assert bits("backbone", "griffin") is None
+    assert bits("backbone", "cats", "stand_in_bits", 0) is None
+    assert bits("backbone", "griffin", "stand_in_bits", 3) == 3
 
 
 def test_cli_reports_bad_input(tmp_path, problems_file):
