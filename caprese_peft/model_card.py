@@ -315,6 +315,17 @@ def render_section(config: Mapping[str, Any], recorded: Mapping[str, Any], base_
         ("backbone", f"{backbone.upper()} (sparse feed-forward for generated tokens)"),
         ("density", f"{density:g} of the feed-forward neurons per generated token (trained at this density)"),
         ("rank r", f"{config.get('r')} (correction `x @ L @ R` beside each feed-forward block)"),
+        *(
+            [
+                (
+                    "stand-in",
+                    f"the dropped neurons computed from {config['stand_in_bits']}-bit copies of their weights, "
+                    "made from the base model's at load (not in this repo)",
+                )
+            ]
+            if config.get("stand_in_bits")
+            else []
+        ),
         ("target layers", _layers(config)),
         ("target modules", f"`{targets}`" if targets else "default (`mlp`)"),
     ]

