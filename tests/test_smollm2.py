@@ -64,3 +64,21 @@ def test_caprese_generation_on_a_math_prompt(smollm2):
     assert not torch.equal(sparse, dense)  # CATS at 0.5 changes a real model's greedy answer
     text = tokenizer.decode(sparse[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert len(text.split()) > 5
+
+
+def test_demo_runs_the_shipped_adapter_against_dense_and_the_backbone():
+    """The README's first command: dense, the backbone alone and the shipped Caprese adapter, with their figures."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    adapter = root / "examples" / "adapters" / "smollm2-135m-instruct-caprese-cats-0.5"
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "README.md").is_file()
+    assert (adapter / "adapter_model.safetensors").stat().st_size < 20e6  # a few MB: L and R only
+    demo = [sys.executable, str(root / "examples" / "demo.py"), "--max-new-tokens", "8", "--compile", "none"]
+    out = subprocess.run(demo, capture_output=True, text=True, timeout=600, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for line in ("Dense ", "CATS 0.5 alone ", "Caprese(CATS 0.5, r="):
+        row = next(r for r in out.stdout.splitlines() if r.startswith(line) and " of " in r)  # its table row
+        assert row.rstrip().split()[-2].endswith("x")  # the speed-up column
