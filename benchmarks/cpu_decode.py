@@ -1,7 +1,7 @@
 """End-to-end decoding of SmolLM2-135M-Instruct on this CPU with FastDecoder: dense against Caprese, each at its best.
 
 For dense, Caprese(CATS 0.5), Caprese(CATS 0.5) with the 4-bit stand-in of dropped neurons (``cats-int4``, forms
-with the C++ ops only) and Caprese(GRIFFIN 0.5) (all layers; a fresh adapter of ``--rank``: speed does not depend on
+with the C++ ops only), Caprese(GRIFFIN 0.5) and the same with its 4-bit stand-in (``griffin-int4``) (all layers; a fresh adapter of ``--rank``: speed does not depend on
 the values of L and R) and each batch size, FastDecoders are built in every form:
 
 - ``torch``: the lean step on torch's own ops (MKL's GEMV), eager; ``torch-compiled``: the same under inductor;
@@ -55,8 +55,9 @@ MODES = {  # name: adapter options (None: the base model)
     "cats": dict(backbone="cats", density=0.5),
     "cats-int4": dict(backbone="cats", density=0.5, stand_in_bits=4),
     "griffin": dict(backbone="griffin", density=0.5),
+    "griffin-int4": dict(backbone="griffin", density=0.5, stand_in_bits=4),
 }
-OPS_ONLY = {"cats-int4"}  # the stand-in's fast path is the C++ op
+OPS_ONLY = {"cats-int4", "griffin-int4"}  # the stand-in's fast path is the C++ op
 
 
 def build_models(rank: int, modes: list[str]) -> tuple[dict, object]:
@@ -192,7 +193,7 @@ def summarize(rows: list[dict], batches: list[int]) -> dict:
             if row is None or dense is None:
                 continue
             lines.append(
-                f"batch {batch} {mode:<9} best {row['form']:<16} TTNT {row['ttnt_ms']:6.2f} ms ({row['x_floor']:.2f}x floor)"
+                f"batch {batch} {mode:<12} best {row['form']:<16} TTNT {row['ttnt_ms']:6.2f} ms ({row['x_floor']:.2f}x floor)"
                 f"  speed-up {dense['ttnt_ms'] / row['ttnt_ms']:.3f}x  TTFT {row['ttft_ms']:.1f} ms "
                 f"({row['ttft_ms'] / dense['ttft_ms']:.3f}x dense)"
             )

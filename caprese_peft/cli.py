@@ -14,8 +14,8 @@ from .config import resolve_layers
 
 DEFAULT_DATA = "../shared/data/gsm8k/train.jsonl"
 # the stand-in `distill` gives a fresh adapter by default: the best recipe measured per backbone (docs/recovery.md);
-# GRIFFIN's would read its pruned neurons' gate rows too and has no fast decode path
-DEFAULT_STAND_IN_BITS = {"cats": 4}
+# its fast decode path is the C++ CPU op (on CUDA it decodes through the reference, with a warning)
+DEFAULT_STAND_IN_BITS = {"cats": 4, "griffin": 4}
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -362,8 +362,8 @@ def main(argv: list[str] | None = None) -> None:
     distill.add_argument(
         "--stand-in-bits",
         type=int,
-        help="bits of the stand-in of dropped neurons (CapreseConfig.stand_in_bits); default: 4 for CATS, the best "
-        "measured recipe (docs/recovery.md), none for GRIFFIN; 0 for none",
+        help="bits of the stand-in of dropped neurons (CapreseConfig.stand_in_bits); default 4, the best measured "
+        "recipe (docs/recovery.md; its fast decode path is the C++ CPU op); 0 for none (the paper's correction alone)",
     )
     distill.add_argument("--epochs", type=float, help="default: 20 layer-wise, 3 end-to-end (paper Table 6)")
     distill.add_argument("--lr", type=float, help="default: 1e-3 layer-wise, 2e-5 end-to-end")

@@ -7,8 +7,8 @@
 // The fused block walks the neurons in tiles: the gate rows of a tile, then the up rows and the down rows of
 // the neurons some sequence keeps, so each weight row is read at most once per step, as a contiguous stream,
 // and skipped rows are never touched. Weights are fp32, bf16 or fp16; every product is accumulated in fp32.
-// With a 4-bit stand-in (CapreseConfig.stand_in_bits=4, CATS), a neuron a row drops is computed from 4-bit copies
-// of its up and down rows instead, read only for neurons some row drops.
+// With a 4-bit stand-in (CapreseConfig.stand_in_bits=4), a neuron a row drops is computed from 4-bit copies of its
+// up and down rows (and, for GRIFFIN, of its gate row) instead, read only for neurons some row drops.
 // Threads (torch's intra-op OpenMP pool, at::parallel_for) split the neurons; each sums its own (B, D) partial
 // output, and the partials are added at the end: no atomics, the same order for every run.
 
@@ -424,9 +424,10 @@ struct FFArgs {
   const float* threshold;  // (B,) or null
   const uint8_t* keep;     // (B, F) or null
   Activation act;
-  // the stand-in of the neurons a row drops (with threshold only): 4-bit up and down rows (F, D / 2) and their
-  // scales (2, F): up's, then down's; null without one
-  const uint8_t *stand_up, *stand_down;
+  // the stand-in of the neurons a row drops: 4-bit up and down rows (F, D / 2) and their scales (2, F): up's,
+  // then down's; with keep (GRIFFIN), 4-bit gate rows too and scales (3, F): up's, down's, gate's, since the
+  // stand-in computes a pruned neuron's gate from its 4-bit row. Null without one.
+  const uint8_t *stand_up, *stand_down, *stand_gate;
   const float* stand_scale;
 };
 
@@ -490,7 +491,7 @@ void gated_ff_range(const FFArgs& a, const Rows<T>& w, int64_t begin, int64_t en
         if (a.threshold != nullptr) kept = std::fabs(c[b]) > a.threshold[b];
         if (a.keep != nullptr) kept = a.keep[b * a.ff_size + i] != 0;
         stand_coef[n_stand * B + b] = kept ? 0.0f : c[b];
-        any_dropped = any_dropped || (!kept && c[b] != 0.0f);
+        any_dropped = any_dropped || (!kept && c[b] != 0.0f && a.keep == nullptr);  // GRIFFIN: below
         c[b] = kept ? c[b] : 0.0f;
         any = any || kept;
       }
@@ -523,10 +524,32 @@ void gated_ff_range(const FFArgs& a, const Rows<T>& w, int64_t begin, int64_t en
       const T* const* next = s + kGroup < n_active ? down_rows + s + kGroup : down_rows + s;
       axpy_rows<B>(acc, down_rows + s, next, z + s * B, D);
     }
-    // 4. the dropped neurons from their 4-bit rows: act * scale_up (x . up_q) * scale_down down_q
+    // 4. the dropped neurons from their 4-bit rows: act * scale_up (x . up_q) * scale_down down_q, where act is
+    //    the exact gate activation (CATS) or, for a neuron GRIFFIN prunes, act(scale_gate (x . gate_q))
+    if (a.stand_up != nullptr && a.keep != nullptr) {
+      n_stand = 0;
+      for (int64_t i = t0; i < ff_end; ++i) {
+        bool any_pruned = false;
+        for (int b = 0; b < B; ++b) {
+          const bool pruned = a.keep[b * a.ff_size + i] == 0;
+          stand_coef[n_stand * B + b] = pruned ? 1.0f : 0.0f;
+          any_pruned = any_pruned || pruned;
+        }
+        if (any_pruned) stand[n_stand++] = i;
+      }
+    }
     for (int64_t s = 0; s < n_stand; ++s) {
       const int64_t i = stand[s];
       float coef[B];
+      if (a.keep != nullptr) {
+        float g[B];
+        dot_q4<B>(a.x, D, a.stand_gate + i * (D / 2), D, g);
+        for (int b = 0; b < B; ++b) g[b] *= a.stand_scale[2 * a.ff_size + i];
+        round_to<T>(g, B);
+        activate(g, B, a.act);
+        round_to<T>(g, B);
+        for (int b = 0; b < B; ++b) stand_coef[s * B + b] *= g[b];
+      }
       dot_q4<B>(a.x, D, a.stand_up + i * (D / 2), D, coef);
       const float scale = a.stand_scale[i] * a.stand_scale[a.ff_size + i];
       for (int b = 0; b < B; ++b) coef[b] *= scale * stand_coef[s * B + b];
@@ -556,7 +579,8 @@ at::Tensor gated_ff_cpu(const at::Tensor& x, const at::Tensor& gate, const at::T
                         const at::Tensor& down_t, const at::Tensor& low_down,
                         const c10::optional<at::Tensor>& threshold, const c10::optional<at::Tensor>& keep,
                         c10::string_view activation, const c10::optional<at::Tensor>& stand_up,
-                        const c10::optional<at::Tensor>& stand_down, const c10::optional<at::Tensor>& stand_scale) {
+                        const c10::optional<at::Tensor>& stand_down, const c10::optional<at::Tensor>& stand_scale,
+                        const c10::optional<at::Tensor>& stand_gate) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "caprese_cpu::gated_ff: x must be (B, D) on the CPU, got ",
               x.sizes());
   const int64_t batch = x.size(0), hidden = x.size(1), ff_size = gate.size(0), rank = low_up.size(0);
@@ -586,19 +610,25 @@ at::Tensor gated_ff_cpu(const at::Tensor& x, const at::Tensor& gate, const at::T
   TORCH_CHECK(has_stand == stand_down.has_value() && has_stand == stand_scale.has_value(),
               "caprese_cpu::gated_ff: stand_up, stand_down and stand_scale go together");
   if (has_stand) {
-    TORCH_CHECK(threshold.has_value(), "caprese_cpu::gated_ff: a stand-in needs a threshold (CATS)");
+    TORCH_CHECK(threshold.has_value() || keep.has_value(),
+                "caprese_cpu::gated_ff: a stand-in needs a threshold (CATS) or a keep mask (GRIFFIN)");
+    TORCH_CHECK(keep.has_value() == stand_gate.has_value(),
+                "caprese_cpu::gated_ff: a stand-in with a keep mask (GRIFFIN) needs stand_gate, one with a threshold "
+                "(CATS) none");
     TORCH_CHECK(hidden % kQ4Block == 0, "caprese_cpu::gated_ff: a 4-bit stand-in needs D a multiple of ", kQ4Block,
                 ", got ", hidden);
-    for (const at::Tensor* t : {&*stand_up, &*stand_down}) {
+    std::vector<const at::Tensor*> packed{&*stand_up, &*stand_down};
+    if (stand_gate.has_value()) packed.push_back(&*stand_gate);
+    for (const at::Tensor* t : packed) {
       TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kByte && t->is_contiguous() && t->dim() == 2 &&
                       t->size(0) == ff_size && t->size(1) == hidden / 2,
-                  "caprese_cpu::gated_ff: stand_up and stand_down must be contiguous uint8 (", ff_size, ", ",
+                  "caprese_cpu::gated_ff: stand_up, stand_down and stand_gate must be contiguous uint8 (", ff_size, ", ",
                   hidden / 2, ") on the CPU, got ", t->sizes(), " ", t->scalar_type());
     }
     TORCH_CHECK(stand_scale->device().is_cpu() && stand_scale->scalar_type() == at::kFloat &&
-                    stand_scale->is_contiguous() && stand_scale->numel() == 2 * ff_size,
-                "caprese_cpu::gated_ff: stand_scale must be contiguous float32 (2, ", ff_size, "), got ",
-                stand_scale->sizes());
+                    stand_scale->is_contiguous() && stand_scale->numel() == (keep.has_value() ? 3 : 2) * ff_size,
+                "caprese_cpu::gated_ff: stand_scale must be contiguous float32 (", keep.has_value() ? 3 : 2, ", ",
+                ff_size, "), got ", stand_scale->sizes());
   }
   at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({batch, hidden}, x.options().dtype(at::kFloat));
@@ -615,6 +645,7 @@ at::Tensor gated_ff_cpu(const at::Tensor& x, const at::Tensor& gate, const at::T
              act,
              has_stand ? stand_up->data_ptr<uint8_t>() : nullptr,
              has_stand ? stand_down->data_ptr<uint8_t>() : nullptr,
+             stand_gate.has_value() ? stand_gate->data_ptr<uint8_t>() : nullptr,
              has_stand ? stand_scale->data_ptr<float>() : nullptr};
     float* o = out.data_ptr<float>() + b0 * hidden;
     with_dtype(x.scalar_type(), [&](auto* tag) {
@@ -636,8 +667,8 @@ TORCH_LIBRARY(caprese_cpu, m) {
   m.def("linear(Tensor x, Tensor weight) -> Tensor");
   m.def(
       "gated_ff(Tensor x, Tensor gate, Tensor up, Tensor low_up, Tensor down_t, Tensor low_down, Tensor? threshold, "
-      "Tensor? keep, str activation, Tensor? stand_up=None, Tensor? stand_down=None, Tensor? stand_scale=None) -> "
-      "Tensor");
+      "Tensor? keep, str activation, Tensor? stand_up=None, Tensor? stand_down=None, Tensor? stand_scale=None, "
+      "Tensor? stand_gate=None) -> Tensor");
   m.def("isa() -> str", &isa);
 }
 

@@ -9,9 +9,10 @@ registers two ``torch.library`` ops, so ``torch.compile`` traces them as opaque 
   gated MLP over the neuron-major layout of ``caprese_peft.kernels.CatsFFWeights`` (``gate, up, down_t (F, D)``
   and the ``r`` low-rank neurons ``low_up = L^T``, ``low_down = R`` with gate 1), keeping neuron ``i`` for row
   ``b`` where ``|act(gate)| > threshold[b]`` (CATS), where ``keep[b, i]`` (GRIFFIN on the union of the rows'
-  neurons), or always (dense). Up and down rows of a neuron no row keeps are never read. With a threshold, the
-  optional ``stand_up, stand_down, stand_scale`` (``StandIn4``) add the neurons a row drops from 4-bit copies of
-  their up and down rows (``CapreseConfig.stand_in_bits=4``), read only for neurons some row drops.
+  neurons), or always (dense). Up and down rows of a neuron no row keeps are never read. The optional
+  ``stand_up, stand_down, stand_scale, stand_gate`` (``StandIn4``) add the neurons a row drops from 4-bit copies of
+  their up and down rows (``CapreseConfig.stand_in_bits=4``), and with a keep mask (GRIFFIN) of their gate rows,
+  read only for neurons some row drops.
 
 Each op has a pure-torch reference here (``linear_reference``, ``gated_ff_reference``), itself checked against
 the specifications in ``caprese_peft.sparse_ff``; the public functions take ``use_kernels`` like ``caprese_peft.kernels.cats_ff``:
@@ -122,7 +123,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("caprese_cpu::gated_ff")
     def _gated_ff_fake(
         x, gate, up, low_up, down_t, low_down, threshold, keep, activation, stand_up=None, stand_down=None,
-        stand_scale=None,
+        stand_scale=None, stand_gate=None,
     ) -> torch.Tensor:  # fmt: skip
         return torch.empty_like(x)
 
@@ -191,14 +192,18 @@ class StandIn4:
 
     up: torch.Tensor  # (F, D / 2) uint8
     down: torch.Tensor  # (F, D / 2) uint8
-    scale: torch.Tensor  # (2, F) fp32: up's, then down's
+    scale: torch.Tensor  # (2, F) fp32: up's, then down's; (3, F) with gate: gate's last
+    gate: torch.Tensor | None = None  # (F, D / 2) uint8: GRIFFIN computes a pruned neuron's gate from it
 
-    def op_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.up, self.down, self.scale
+    def op_args(self) -> tuple[torch.Tensor, ...]:
+        """``(stand_up, stand_down, stand_scale, stand_gate)`` as ``caprese_cpu::gated_ff`` takes them."""
+        return self.up, self.down, self.scale, self.gate
 
-    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(W1_q, W2^T_q)``, ``(F, D)`` fp32 each."""
-        return tuple(unpack_int4(w).float() * s[:, None] for w, s in zip((self.up, self.down), self.scale))
+    def dequantized(self) -> tuple[torch.Tensor | None, ...]:
+        """``(W1_q, W2^T_q, Wg_q or None)``, ``(F, D)`` fp32 each."""
+        rows = (self.up, self.down) if self.gate is None else (self.up, self.down, self.gate)
+        weights = [unpack_int4(w).float() * s[:, None] for w, s in zip(rows, self.scale)]
+        return (*weights, None) if self.gate is None else tuple(weights)
 
     def problem(self, hidden: int) -> str | None:
         if self.up.device.type != "cpu":
@@ -208,14 +213,19 @@ class StandIn4:
         return None
 
 
-def prepare_stand_in(up_weight: torch.Tensor, down_weight: torch.Tensor) -> StandIn4:
-    """``W1 (F, D)`` and ``W2 (D, F)`` quantized to 4 bits row by row (per neuron) and packed for the op."""
+def prepare_stand_in(
+    up_weight: torch.Tensor, down_weight: torch.Tensor, gate_weight: torch.Tensor | None = None
+) -> StandIn4:
+    """``W1 (F, D)``, ``W2 (D, F)`` and, for GRIFFIN, ``Wg (F, D)`` quantized to 4 bits row by row (per neuron) as
+    ``caprese_peft.sparse_ff.quantize_rows`` does, and packed for the op."""
     from ..sparse_ff import quantize_rows
 
-    up_q = quantize_rows(up_weight, 4)
-    down_q = quantize_rows(down_weight.t().contiguous(), 4)
-    scale = torch.stack([up_q.scale.reshape(-1), down_q.scale.reshape(-1)]).float().contiguous()
-    return StandIn4(pack_int4(up_q.codes), pack_int4(down_q.codes), scale)
+    rows = [quantize_rows(up_weight, 4), quantize_rows(down_weight.t().contiguous(), 4)]
+    if gate_weight is not None:
+        rows.append(quantize_rows(gate_weight, 4))
+    scale = torch.stack([q.scale.reshape(-1) for q in rows]).float().contiguous()
+    packed = [pack_int4(q.codes) for q in rows]
+    return StandIn4(packed[0], packed[1], scale, packed[2] if gate_weight is not None else None)
 
 
 # ---- linear ----
@@ -259,10 +269,14 @@ def gated_ff_reference(
     if threshold is not None:
         kept = g.abs() > threshold.float().view(-1, 1)
         if stand_in is not None:
-            up_q, down_q = stand_in.dequantized()
+            up_q, down_q, _ = stand_in.dequantized()
             out = out + ((g * ~kept) * (xf @ up_q.T)) @ down_q
         g = g * kept
     elif keep is not None:
+        if stand_in is not None:  # a pruned neuron's gate from its 4-bit row too
+            up_q, down_q, gate_q = stand_in.dequantized()
+            g_q = ACTIVATIONS[activation](xf @ gate_q.T)
+            out = out + ((g_q * ~keep.bool()) * (xf @ up_q.T)) @ down_q
         g = g * keep.bool()
     return ((g * (xf @ up.T)) @ down_t + out).to(x.dtype)
 
@@ -285,14 +299,18 @@ def gated_ff(
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
     if threshold is not None and keep is not None:
         raise ValueError("Pass threshold (CATS) or keep (GRIFFIN), not both.")
-    if stand_in is not None and threshold is None:
-        raise ValueError("A stand-in of dropped neurons needs a threshold (CATS).")
+    if stand_in is not None and (threshold is None) == (keep is None):
+        raise ValueError("A stand-in of dropped neurons needs a threshold (CATS) or a keep mask (GRIFFIN).")
+    if stand_in is not None and (keep is not None) != (stand_in.gate is not None):
+        raise ValueError(
+            "A stand-in with a keep mask (GRIFFIN) holds 4-bit gate rows, one with a threshold (CATS) none."
+        )
     args = weights.op_args()
     problem = op_problem(x, *args)
     if problem is None and stand_in is not None:
         problem = stand_in.problem(x.shape[-1])
     if _use_op(use_kernels, problem is None, problem or ""):
-        extra = stand_in.op_args() if stand_in is not None else (None, None, None)
+        extra = stand_in.op_args() if stand_in is not None else (None, None, None, None)
         return torch.ops.caprese_cpu.gated_ff(x, *args, threshold, keep, activation, *extra)
     return gated_ff_reference(x, weights, activation, threshold, keep, stand_in)
 
@@ -338,7 +356,13 @@ def cats_ff_cpu(
 
 
 def griffin_ff_cpu(
-    x: torch.Tensor, weights: Any, keep: torch.Tensor, activation: str, *, use_kernels: bool | None = None
+    x: torch.Tensor,
+    weights: Any,
+    keep: torch.Tensor,
+    activation: str,
+    stand_in: StandIn4 | None = None,
+    *,
+    use_kernels: bool | None = None,
 ) -> torch.Tensor:
     """GRIFFIN + low rank on ``x (B, D)``: each sequence uses only the neurons it keeps (``keep (B, F)`` bool).
 
@@ -350,4 +374,4 @@ def griffin_ff_cpu(
     keep = keep.reshape(keep.shape[0], -1)
     if keep.shape != (x.shape[0], weights.gate.shape[0]):
         raise ValueError(f"keep must be (B, F) = ({x.shape[0]}, {weights.gate.shape[0]}), got {tuple(keep.shape)}.")
-    return gated_ff(x, weights, activation, keep=keep.to(torch.uint8), use_kernels=use_kernels)
+    return gated_ff(x, weights, activation, keep=keep.to(torch.uint8), stand_in=stand_in, use_kernels=use_kernels)

@@ -244,6 +244,9 @@ def test_ops_pass_opcheck():
     args = (x, *prepare_cats_weights(*weights).op_args(), half_threshold(x, weights[0], F.silu), None, "silu")
     stand_in = prepare_stand_in(weights[1], weights[2]).op_args()
     torch.library.opcheck(torch.ops.caprese_cpu.gated_ff.default, (*args, *stand_in), test_utils=tests)
+    args = (*args[:6], None, griffin_keep(2, FF, 50, seed=3).to(torch.uint8), "silu")  # GRIFFIN's, gate rows too
+    stand_in = prepare_stand_in(weights[1], weights[2], weights[0]).op_args()
+    torch.library.opcheck(torch.ops.caprese_cpu.gated_ff.default, (*args, *stand_in), test_utils=tests)
 
 
 @requires_op
@@ -363,3 +366,47 @@ def test_stand_in_needs_a_threshold_and_whole_blocks():
         gated_ff(x, prepare_cats_weights(*weights), "silu", stand_in=stand_in)
     with pytest.raises(ValueError, match="multiple of 32"):
         prepare_stand_in(*make_problem(1, torch.float32, seed=3)[1][1:3])
+
+
+def griffin_stand_in_spec(x, weights, keep, act):
+    """GRIFFIN + low rank + the pruned neurons from ``quantize_rows(., 4)``, their gates included, as
+    ``CapreseLayer.stand_in`` adds them for a backbone that skips pruned gates."""
+    gate_w, up_w, down_w, left, right = (w.float() for w in weights)
+    gate_q, up_q = (quantize_rows(w, 4).dequantize() for w in (gate_w, up_w))
+    down_q = quantize_rows(down_w.t().contiguous(), 4).dequantize()
+    xf = x.float()
+    sparse = ((act(xf @ gate_w.T) * keep) * (xf @ up_w.T)) @ down_w.T + (xf @ left) @ right
+    return sparse + ((act(xf @ gate_q.T) * ~keep) * (xf @ up_q.T)) @ down_q
+
+
+@requires_op
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_griffin_stand_in_op_matches_its_specification(dtype, batch):
+    x, weights = make_problem(batch, dtype, seed=60 + batch, hidden=D_Q4)
+    keep = griffin_keep(batch, FF, FF // 2, seed=batch)
+    stand_in = prepare_stand_in(weights[1], weights[2], weights[0])
+    prepared = prepare_cats_weights(*weights)
+    out = griffin_ff_cpu(x, prepared, keep, "silu", stand_in, use_kernels=True)
+    reference = griffin_ff_cpu(x, prepared, keep, "silu", stand_in, use_kernels=False)
+    assert_close(out, reference, dtype)
+    if dtype == torch.float32:
+        assert_close(reference, griffin_stand_in_spec(x, weights, keep, F.silu).to(dtype), dtype)
+    plain = griffin_ff_cpu(x, prepared, keep, "silu", use_kernels=True)  # the comparison can fail
+    tol = TOLERANCES[dtype]
+    assert not torch.allclose(plain.float(), out.float(), rtol=tol, atol=tol)
+
+
+@requires_op
+def test_griffin_stand_in_reads_no_row_of_a_neuron_every_sequence_keeps():
+    x, weights = make_problem(3, torch.float32, seed=8, hidden=D_Q4)
+    keep = griffin_keep(3, FF, 150, seed=2)
+    stand_in = prepare_stand_in(weights[1], weights[2], weights[0])
+    expected = griffin_ff_cpu(x, prepare_cats_weights(*weights), keep, "silu", stand_in, use_kernels=True)
+    kept_by_all = keep.all(dim=0)
+    assert kept_by_all.sum() > 10
+    stand_in.scale[:, kept_by_all] = float("nan")
+    out = griffin_ff_cpu(x, prepare_cats_weights(*weights), keep, "silu", stand_in, use_kernels=True)
+    assert_close(out, expected, torch.float32)
+    with pytest.raises(ValueError, match="gate rows"):  # a CATS stand-in (no gate rows) with a keep mask
+        griffin_ff_cpu(x, prepare_cats_weights(*weights), keep, "silu", prepare_stand_in(weights[1], weights[2]))

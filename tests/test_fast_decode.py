@@ -275,10 +275,11 @@ def test_graph_captured_decode_on_gpu_equals_generate(case, compile):
 
 
 @pytest.mark.skipif(not cpu_ops_available(), reason="the C++ CPU ops could not be built here")
-def test_cats_int4_stand_in_decodes_through_the_cpu_op():
+@pytest.mark.parametrize("backbone", ["cats", "griffin"])
+def test_int4_stand_in_decodes_through_the_cpu_op(backbone):
     """A 4-bit stand-in (hidden size a multiple of 32) decodes through the C++ op in generate and in FastDecoder,
     with the reference's logits and tokens; the backbone mode leaves the stand-in out with L and R."""
-    model = wrap(tiny_model("llama", hidden_size=64), backbone="cats", density=0.4, r=4, stand_in_bits=4)
+    model = wrap(tiny_model("llama", hidden_size=64), backbone=backbone, density=0.4, r=4, stand_in_bits=4)
     layer = layers_of(model)[0]
     decoder = layer.caprese_decoder["default"]
     assert decoder.stand_in_problem(torch.zeros(1, 1, 64)) is None
@@ -304,9 +305,9 @@ def test_cats_int4_stand_in_decodes_through_the_cpu_op():
     fast = {mode: eager_decoder(model, mode=mode).generate(ids, mask, max_new_tokens=NEW_TOKENS) for mode in
             ("caprese", "backbone")}  # fmt: skip
     assert torch.equal(fast["caprese"], reference_generate(model, "caprese", ids, mask))
-    plain = wrap(tiny_model("llama", hidden_size=64), backbone="cats", density=0.4, r=4)  # no stand-in
+    plain = wrap(tiny_model("llama", hidden_size=64), backbone=backbone, density=0.4, r=4)  # no stand-in
     plain.load_state_dict(model.state_dict())
-    assert torch.equal(fast["backbone"], reference_generate(plain, "backbone", ids, mask))  # CATS alone
+    assert torch.equal(fast["backbone"], reference_generate(plain, "backbone", ids, mask))  # the backbone alone
     # without the stand-in the tokens differ: the comparison above can fail
     assert not torch.equal(eager_decoder(plain, mode="caprese").generate(ids, mask, max_new_tokens=NEW_TOKENS),
                            fast["caprese"])  # fmt: skip

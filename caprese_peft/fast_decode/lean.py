@@ -158,17 +158,25 @@ class GriffinFF(nn.Module):
     whose reference is ``griffin_merged_ff``).
     """
 
-    def __init__(self, decoder: Any, low_rank: bool, cpu_ops: bool = False) -> None:
+    STAND_IN = ("stand_up", "stand_down", "stand_scale", "stand_gate")  # StandIn4's op arguments, in order
+
+    def __init__(self, decoder: Any, low_rank: bool, cpu_ops: bool = False, stand_in: bool = False) -> None:
         super().__init__()
         object.__setattr__(self, "decoder", decoder)  # a GriffinDecoder; not a submodule: the step never runs it
         self.low_rank = low_rank
         self.act = decoder.layer.base_layer.act_fn
         self.activation = decoder.activation() if cpu_ops else None
         self.kept = 0  # k, set by load
+        self.stand_in = stand_in  # the 4-bit stand-in of pruned neurons (CPU op only)
+        if stand_in and self.activation is None:
+            raise ValueError("The 4-bit stand-in of pruned GRIFFIN neurons decodes through the C++ CPU op only.")
         if self.activation is not None:
             for name, tensor in zip(CPU_WEIGHTS, decoder.build(None, low_rank, union=True).op_args()):
                 self.register_buffer(name, tensor, persistent=False)
             self.register_buffer("keep", None, persistent=False)  # (B, F) uint8
+            if stand_in:
+                for name, tensor in zip(self.STAND_IN, decoder.stand_in().op_args()):
+                    self.register_buffer(name, _static(tensor), persistent=False)
             return
         self.register_buffer("gate_up", None, persistent=False)  # (B, 2k + r, D): Wg rows, W1 rows, L^T
         self.register_buffer("down", None, persistent=False)  # (B, D, k + r): W2 columns, R^T
@@ -190,7 +198,9 @@ class GriffinFF(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation is not None:
             weights = [getattr(self, name) for name in CPU_WEIGHTS]
-            return torch.ops.caprese_cpu.gated_ff(x[:, 0], *weights, None, self.keep, self.activation)[:, None]
+            stand_in = [getattr(self, name) for name in self.STAND_IN] if self.stand_in else [None] * 4
+            out = torch.ops.caprese_cpu.gated_ff(x[:, 0], *weights, None, self.keep, self.activation, *stand_in)
+            return out[:, None]
         return griffin_fused_ff(x, self.gate_up, self.down, self.kept, self.act)
 
     def weight_bytes(self, batch: int) -> int:
@@ -199,7 +209,12 @@ class GriffinFF(nn.Module):
             return self.gate_up.nbytes + self.down.nbytes
         union = int(self.keep.any(dim=0).sum()) if self.keep is not None else self.kept
         row = self.gate.nbytes // self.gate.shape[0]  # one row of one matrix
-        return 3 * union * row + self.low_up.nbytes + self.low_down.nbytes
+        kept = 3 * union * row + self.low_up.nbytes + self.low_down.nbytes
+        if not self.stand_in:
+            return kept
+        pruned = int((self.keep == 0).any(dim=0).sum()) if self.keep is not None else self.gate.shape[0] - self.kept
+        stand_row = sum(getattr(self, name).nbytes for name in self.STAND_IN) / self.gate.shape[0]
+        return kept + round(pruned * stand_row)
 
 
 class CatsFF(nn.Module):
