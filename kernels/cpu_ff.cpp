@@ -265,38 +265,75 @@ inline void axpy_rows(float* acc, const T* const* rows, const T* const* next, co
 
 constexpr int64_t kQ4Block = 32;
 
-// out[b] = x[b] . row for a 4-bit row of n weights
+// 4-bit rows read together: as many streams in flight as the register file allows with two accumulators (the
+// low and the high half of each block) per row and batch row
 template <int B>
-inline void dot_q4(const float* x, int64_t ldx, const uint8_t* row, int64_t n, float* out) {
-  Vec acc[B];
-  for (int b = 0; b < B; ++b) acc[b] = vzero();
+constexpr int q4_rows_together() {
+  return B <= 2 ? 4 : (B <= 4 ? 2 : 1);
+}
+
+// out[r * B + b] = x[b] . rows[r] for NR 4-bit rows of n weights
+// (the rows a caller reads next, `next`, are prefetched a cache line at a time: dropped neurons' rows are
+// scattered, which the hardware prefetcher does not follow)
+template <int B, int NR>
+inline void dot_q4_multi(const float* x, int64_t ldx, const uint8_t* const* rows, const uint8_t* const* next,
+                         int64_t n, float* out) {
+  Vec lo_acc[NR][B], hi_acc[NR][B];  // two chains per (row, b): the FMA latency is not the limit
+  for (int r = 0; r < NR; ++r)
+    for (int b = 0; b < B; ++b) lo_acc[r][b] = hi_acc[r][b] = vzero();
   for (int64_t d = 0; d < n; d += kQ4Block) {
-    const uint8_t* block = row + d / 2;
+    if (d % 128 == 0)  // 128 weights: one cache line of 4-bit rows
+      for (int r = 0; r < NR; ++r) prefetch(next[r] + d / 2);
     for (int64_t h = 0; h < kQ4Block / 2; h += kWidth) {
-      Vec lo, hi;
-      vload_q4(block + h, lo, hi);
+      Vec lo[NR], hi[NR];
+      for (int r = 0; r < NR; ++r) vload_q4(rows[r] + d / 2 + h, lo[r], hi[r]);
       for (int b = 0; b < B; ++b) {
-        acc[b] = vfma(vload(x + b * ldx + d + h), lo, acc[b]);
-        acc[b] = vfma(vload(x + b * ldx + d + kQ4Block / 2 + h), hi, acc[b]);
+        const Vec xl = vload(x + b * ldx + d + h), xh = vload(x + b * ldx + d + kQ4Block / 2 + h);
+        for (int r = 0; r < NR; ++r) {
+          lo_acc[r][b] = vfma(xl, lo[r], lo_acc[r][b]);
+          hi_acc[r][b] = vfma(xh, hi[r], hi_acc[r][b]);
+        }
       }
     }
   }
-  for (int b = 0; b < B; ++b) out[b] = vsum(acc[b]);
+  for (int r = 0; r < NR; ++r)
+    for (int b = 0; b < B; ++b) out[r * B + b] = vsum(vadd(lo_acc[r][b], hi_acc[r][b]));
 }
 
-// acc[b] += coef[b] * row for a 4-bit row of n weights; acc is (B, n) fp32, row stride n
+// out[s * B + b] = x[b] . rows[s] for count 4-bit rows
 template <int B>
-inline void axpy_q4(float* acc, const uint8_t* row, const float* coef, int64_t n) {
+inline void dot_q4_many(const float* x, int64_t ldx, const uint8_t* const* rows, int64_t count, int64_t n,
+                        float* out) {
+  constexpr int NR = q4_rows_together<B>();
+  const uint8_t* next[NR];
+  int64_t s = 0;
+  for (; s + NR <= count; s += NR) {
+    for (int r = 0; r < NR; ++r) next[r] = rows[s + NR + r < count ? s + NR + r : s + r];
+    dot_q4_multi<B, NR>(x, ldx, rows + s, next, n, out + s * B);
+  }
+  for (; s < count; ++s) dot_q4_multi<B, 1>(x, ldx, rows + s, rows + (s + 1 < count ? s + 1 : s), n, out + s * B);
+}
+
+// acc[b] += sum_g coef[g * B + b] * rows[g] for kGroup 4-bit rows of n weights; acc is (B, n) fp32, row stride n
+template <int B>
+inline void axpy_q4_rows(float* acc, const uint8_t* const* rows, const uint8_t* const* next, const float* coef,
+                         int64_t n) {
   for (int64_t d = 0; d < n; d += kQ4Block) {
-    const uint8_t* block = row + d / 2;
+    if (d % 128 == 0)
+      for (int g = 0; g < kGroup; ++g) prefetch(next[g] + d / 2);
     for (int64_t h = 0; h < kQ4Block / 2; h += kWidth) {
-      Vec lo, hi;
-      vload_q4(block + h, lo, hi);
+      Vec lo[kGroup], hi[kGroup];
+      for (int g = 0; g < kGroup; ++g) vload_q4(rows[g] + d / 2 + h, lo[g], hi[g]);
       for (int b = 0; b < B; ++b) {
-        const Vec c = vset1(coef[b]);
         float* a = acc + b * n + d + h;
-        vstore(a, vfma(c, lo, vload(a)));
-        vstore(a + kQ4Block / 2, vfma(c, hi, vload(a + kQ4Block / 2)));
+        Vec al = vload(a), ah = vload(a + kQ4Block / 2);
+        for (int g = 0; g < kGroup; ++g) {
+          const Vec c = vset1(coef[g * B + b]);
+          al = vfma(c, lo[g], al);
+          ah = vfma(c, hi[g], ah);
+        }
+        vstore(a, al);
+        vstore(a + kQ4Block / 2, ah);
       }
     }
   }
@@ -538,22 +575,35 @@ void gated_ff_range(const FFArgs& a, const Rows<T>& w, int64_t begin, int64_t en
         if (any_pruned) stand[n_stand++] = i;
       }
     }
-    for (int64_t s = 0; s < n_stand; ++s) {
-      const int64_t i = stand[s];
-      float coef[B];
-      if (a.keep != nullptr) {
-        float g[B];
-        dot_q4<B>(a.x, D, a.stand_gate + i * (D / 2), D, g);
-        for (int b = 0; b < B; ++b) g[b] *= a.stand_scale[2 * a.ff_size + i];
-        round_to<T>(g, B);
-        activate(g, B, a.act);
-        round_to<T>(g, B);
-        for (int b = 0; b < B; ++b) stand_coef[s * B + b] *= g[b];
+    if (n_stand > 0) {
+      float* coef = z;  // (the up outputs of step 2 are consumed): the stand-in neurons' coefficients, [s * B + b]
+      const uint8_t* q_rows[kTile + kGroup];
+      if (a.keep != nullptr) {  // GRIFFIN: the pruned neurons' gates from their 4-bit rows
+        for (int64_t s = 0; s < n_stand; ++s) q_rows[s] = a.stand_gate + stand[s] * (D / 2);
+        dot_q4_many<B>(a.x, D, q_rows, n_stand, D, coef);
+        for (int64_t s = 0; s < n_stand; ++s)
+          for (int b = 0; b < B; ++b) coef[s * B + b] *= a.stand_scale[2 * a.ff_size + stand[s]];
+        round_to<T>(coef, n_stand * B);
+        activate(coef, n_stand * B, a.act);
+        round_to<T>(coef, n_stand * B);
+        for (int64_t k = 0; k < n_stand * B; ++k) stand_coef[k] *= coef[k];
       }
-      dot_q4<B>(a.x, D, a.stand_up + i * (D / 2), D, coef);
-      const float scale = a.stand_scale[i] * a.stand_scale[a.ff_size + i];
-      for (int b = 0; b < B; ++b) coef[b] *= scale * stand_coef[s * B + b];
-      axpy_q4<B>(acc, a.stand_down + i * (D / 2), coef, D);
+      for (int64_t s = 0; s < n_stand; ++s) q_rows[s] = a.stand_up + stand[s] * (D / 2);
+      dot_q4_many<B>(a.x, D, q_rows, n_stand, D, coef);
+      for (int64_t s = 0; s < n_stand; ++s) {
+        const float scale = a.stand_scale[stand[s]] * a.stand_scale[a.ff_size + stand[s]];
+        for (int b = 0; b < B; ++b) coef[s * B + b] *= scale * stand_coef[s * B + b];
+        q_rows[s] = a.stand_down + stand[s] * (D / 2);
+      }
+      int64_t padded = n_stand;  // a short last group repeats a row with coefficient 0
+      for (; padded % kGroup != 0; ++padded) {
+        q_rows[padded] = q_rows[0];
+        for (int b = 0; b < B; ++b) coef[padded * B + b] = 0.0f;
+      }
+      for (int64_t s = 0; s < padded; s += kGroup) {
+        const uint8_t* const* next = s + kGroup < padded ? q_rows + s + kGroup : q_rows + s;
+        axpy_q4_rows<B>(acc, q_rows + s, next, coef + s * B, D);
+      }
     }
   }
 }
