@@ -66,8 +66,9 @@ def test_caprese_generation_on_a_math_prompt(smollm2):
     assert len(text.split()) > 5
 
 
-def test_demo_runs_the_shipped_adapter_against_dense_and_the_backbone():
+def test_demo_runs_the_shipped_adapter_against_dense_and_the_backbone(tmp_path):
     """The README's first command: dense, the backbone alone and the shipped Caprese adapter, with their figures."""
+    import json
     import subprocess
     import sys
     from pathlib import Path
@@ -76,7 +77,10 @@ def test_demo_runs_the_shipped_adapter_against_dense_and_the_backbone():
     adapter = root / "examples" / "adapters" / "smollm2-135m-instruct-caprese-cats-0.5"
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "README.md").is_file()
     assert (adapter / "adapter_model.safetensors").stat().st_size < 20e6  # a few MB: L and R only
+    data = tmp_path / "problems.jsonl"  # the demo's default is the shared GSM8K file, which CI may not have
+    data.write_text(json.dumps({"question": QUESTION.split("\n")[0], "answer": "#### 72"}) + "\n")
     demo = [sys.executable, str(root / "examples" / "demo.py"), "--max-new-tokens", "8", "--compile", "none"]
+    demo += ["--data", str(data)]
     out = subprocess.run(demo, capture_output=True, text=True, timeout=600, cwd=root)
     assert out.returncode == 0, out.stderr[-2000:]
     for line in ("Dense ", "CATS 0.5 alone ", "Caprese(CATS 0.5, r="):
