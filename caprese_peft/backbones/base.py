@@ -76,7 +76,9 @@ class SparseDecoder:
     """
 
     has_fast_path: ClassVar[bool] = False
+    has_cpu_stand_in: ClassVar[bool] = False  # ``fast`` passes the 4-bit stand-in (``stand_in()``) to the C++ op
     _activation: tuple | None = None  # (act_fn, its name in sparse_ff.ACTIVATIONS or None)
+    _stand_in: tuple | None = None  # (weights key, kernels.cpu_ff.StandIn4)
 
     def __init__(self, layer: nn.Module, adapter: str) -> None:
         self.layer = layer  # the CapreseLayer
@@ -149,8 +151,36 @@ class SparseDecoder:
         return self.fast_problem(x)
 
     def stand_in_problem(self, x: torch.Tensor) -> str | None:
-        """Why ``fast`` cannot add the adapter's stand-in of dropped neurons (``stand_in_bits``) for ``x``."""
-        return "the stand-in of dropped neurons (stand_in_bits) has no merged form here"
+        """Why ``fast`` cannot add the adapter's stand-in of dropped neurons (``stand_in_bits``) for ``x``: its fast
+        path is the C++ CPU op, for decoders that pass it on (``has_cpu_stand_in``), at 4 bits."""
+        if not self.has_cpu_stand_in:
+            return "the stand-in of dropped neurons (stand_in_bits) has no merged form here"
+        bits = self.layer.caprese_stand_in[self.adapter]
+        if bits != 4:
+            return f"only a 4-bit stand-in has a fast path (the C++ CPU op), this adapter's has {bits} bits"
+        if x.shape[-1] % 32:
+            return f"the 4-bit stand-in's fast path needs a hidden size that is a multiple of 32, got {x.shape[-1]}"
+        if not self.cpu_kernel_applies(x):
+            return "the 4-bit stand-in's fast path is the C++ CPU op, which does not apply here"
+        return None
+
+    def stand_in(self) -> Any:
+        """``kernels.cpu_ff.StandIn4``: the block's up and down rows at 4 bits, and its gate rows for a backbone
+        that skips dropped neurons' gates; built once per set of weights and cached (never saved)."""
+        from ..kernels.cpu_ff import prepare_stand_in
+
+        key = self.layer.weights_key(self.adapter)
+        if self._stand_in is None or self._stand_in[0] != key:
+            self._stand_in = None  # a stale copy is freed before the new one is made
+            gate, up, down, _, _ = self.layer.decode_tensors(self.adapter)
+            gate = None if self.backbone.reads_every_gate else gate
+            self._stand_in = (key, prepare_stand_in(up, down, gate))
+        return self._stand_in[1]
+
+    def lean_stand_in(self, low_rank: bool) -> bool:
+        """Whether the lean step's FF module adds the stand-in: it is part of the correction, so the backbone alone
+        (``low_rank=False``) has neither."""
+        return low_rank and bool(self.layer.caprese_stand_in.get(self.adapter))
 
     def fast_problem(self, x: torch.Tensor) -> str | None:
         """What, beyond biases and gradients, keeps ``fast`` from computing ``x``; None when nothing does."""
@@ -165,7 +195,8 @@ class SparseDecoder:
         raise NotImplementedError
 
     def release(self) -> None:
-        """Free whatever ``fast`` built (merged weights); it is rebuilt when next needed."""
+        """Free whatever ``fast`` built (merged weights, the stand-in); it is rebuilt when next needed."""
+        self._stand_in = None
 
     def new_prompt(self) -> None:
         """A prefill starts: free what was built for the last prompt batch before the prefill needs the memory."""

@@ -104,7 +104,8 @@ class CatsDecoder(SparseDecoder):
     """
 
     has_fast_path = True
-    _cache: dict | None = None  # low_rank -> (weights key, CatsFFWeights); "stand_in" -> (weights key, StandIn4)
+    _cache: dict | None = None  # low_rank -> (weights key, CatsFFWeights)
+    has_cpu_stand_in = True
 
     def pays_off(self, x: torch.Tensor) -> bool:
         use_kernels = self.layer.decode_use_kernels
@@ -141,30 +142,6 @@ class CatsDecoder(SparseDecoder):
         self._cache = cache
         return entry[1]
 
-    def stand_in_problem(self, x: torch.Tensor) -> str | None:
-        bits = self.layer.caprese_stand_in[self.adapter]
-        if bits != 4:
-            return f"only a 4-bit stand-in has a fast path (the C++ CPU op), this adapter's has {bits} bits"
-        if x.shape[-1] % 32:
-            return f"the 4-bit stand-in's fast path needs a hidden size that is a multiple of 32, got {x.shape[-1]}"
-        if not self.cpu_kernel_applies(x):
-            return "the 4-bit stand-in's fast path is the C++ CPU op, which does not apply here"
-        return None
-
-    def stand_in(self):
-        """``kernels.cpu_ff.StandIn4``: the block's up and down rows at 4 bits, built once and cached (never saved)."""
-        from ..kernels.cpu_ff import prepare_stand_in
-
-        key = self.layer.weights_key(self.adapter)
-        cache = self._cache if self._cache is not None else {}
-        entry = cache.pop("stand_in", None)
-        if entry is None or entry[0] != key:
-            _, up, down, _, _ = self.layer.decode_tensors(self.adapter)
-            entry = (key, prepare_stand_in(up, down))
-        cache["stand_in"] = entry
-        self._cache = cache
-        return entry[1]
-
     def fast(self, x: torch.Tensor, stats: CatsStats) -> torch.Tensor:
         if self.layer.caprese_stand_in.get(self.adapter):  # stand_in_problem: the C++ op runs
             from ..kernels.cpu_ff import cats_ff_cpu
@@ -190,14 +167,13 @@ class CatsDecoder(SparseDecoder):
         return cats_ff(x, self.weights(), stats.threshold, activation, use_kernels=self.layer.decode_use_kernels)
 
     def release(self) -> None:
+        super().release()
         self._cache = None
 
     def lean_ff(self, low_rank: bool, use_kernels: bool | None, cpu_ops: bool = False) -> nn.Module:
         from ..fast_decode.lean import CatsFF
 
-        # the stand-in is part of the correction: the backbone alone (low_rank=False) has neither
-        stand_in = low_rank and bool(self.layer.caprese_stand_in.get(self.adapter))
-        return CatsFF(self, low_rank, use_kernels, stand_in=stand_in)
+        return CatsFF(self, low_rank, use_kernels, stand_in=self.lean_stand_in(low_rank))
 
 
 @register_backbone

@@ -48,7 +48,7 @@ class GriffinDecoder(SparseDecoder):
 
     has_fast_path = True
     _cache: tuple | None = None  # (stats or None, key, union or not, weights): the weights a step reads
-    _stand_in: tuple | None = None  # (weights key, StandIn4): the 4-bit stand-in, CPU op only
+    has_cpu_stand_in = True
 
     def pays_off(self, x: torch.Tensor) -> bool:
         return self.cpu_kernel_applies(x) or x.shape[0] * self.backbone.density < 1
@@ -82,27 +82,6 @@ class GriffinDecoder(SparseDecoder):
         self._cache = (owner, key, union, built)
         return built
 
-    def stand_in_problem(self, x: torch.Tensor) -> str | None:
-        bits = self.layer.caprese_stand_in[self.adapter]
-        if bits != 4:
-            return f"only a 4-bit stand-in has a fast path (the C++ CPU op), this adapter's has {bits} bits"
-        if x.shape[-1] % 32:
-            return f"the 4-bit stand-in's fast path needs a hidden size that is a multiple of 32, got {x.shape[-1]}"
-        if not self.cpu_kernel_applies(x):
-            return "the 4-bit stand-in's fast path is the C++ CPU op, which does not apply here"
-        return None
-
-    def stand_in(self) -> Any:
-        """``kernels.cpu_ff.StandIn4`` with gate rows: the block at 4 bits, built once per set of weights."""
-        from ..kernels.cpu_ff import prepare_stand_in
-
-        key = self.layer.weights_key(self.adapter)
-        if self._stand_in is None or self._stand_in[0] != key:
-            self._stand_in = None
-            gate, up, down, _, _ = self.layer.decode_tensors(self.adapter)
-            self._stand_in = (key, prepare_stand_in(up, down, gate))
-        return self._stand_in[1]
-
     def fast(self, x: torch.Tensor, stats: GriffinStats) -> torch.Tensor:
         if self.cpu_kernel_applies(x):
             from ..kernels.cpu_ff import griffin_ff_cpu
@@ -113,8 +92,8 @@ class GriffinDecoder(SparseDecoder):
         return griffin_merged_ff(x, self.weights(stats), self.layer.base_layer.act_fn)
 
     def release(self) -> None:
+        super().release()
         self._cache = None
-        self._stand_in = None
 
     def new_prompt(self) -> None:
         if self._cache is not None and self._cache[0] is not None:  # per-sequence copies belong to one prompt batch
@@ -123,9 +102,7 @@ class GriffinDecoder(SparseDecoder):
     def lean_ff(self, low_rank: bool, use_kernels: bool | None, cpu_ops: bool = False) -> nn.Module:
         from ..fast_decode.lean import GriffinFF
 
-        # the stand-in is part of the correction: the backbone alone (low_rank=False) has neither
-        stand_in = low_rank and bool(self.layer.caprese_stand_in.get(self.adapter))
-        return GriffinFF(self, low_rank, cpu_ops, stand_in=stand_in)
+        return GriffinFF(self, low_rank, cpu_ops, stand_in=self.lean_stand_in(low_rank))
 
 
 @register_backbone
