@@ -161,9 +161,13 @@ class CapreseLayer(nn.Module, BaseTunerLayer):
 
     def active_adapter_name(self) -> str | None:
         """The Caprese adapter this layer runs now: None when disabled or when no adapter of it is active."""
-        if self.disable_adapters or self.merged:
+        # the attributes behind PEFT's properties, read directly: every forward asks, in every layer
+        if self._disable_adapters or self.merged_adapters:
             return None
-        adapters = [a for a in self.active_adapters if a in self.caprese_L]
+        active = self._active_adapter
+        if isinstance(active, str):
+            return active if active in self.caprese_backbone else None
+        adapters = [a for a in active if a in self.caprese_backbone]
         if not adapters:
             return None
         if len(adapters) > 1:
@@ -179,20 +183,39 @@ class CapreseLayer(nn.Module, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if step.phase is Phase.DECODE:
             return self.caprese_decoder[adapter](x, self.statistics(step, adapter))
+        if step.phase is Phase.PREFILL:
+            return self._prefill(x, step, adapter)
         gate, z = self.intermediate(x)
         if step.phase is Phase.TEACHER_FORCED:
             return self._teacher_forced(x, gate, z, step, adapter)
-        return self._prefill(x, gate, z, step, adapter)
+        return self._dense_rerun(x, gate, z, step, adapter)
 
-    def _prefill(self, x: torch.Tensor, gate: torch.Tensor, z: torch.Tensor, step: Step, adapter: str) -> torch.Tensor:
-        """The dense block; the prompt tokens calibrate the backbone (or, for an observer, show what it keeps)."""
+    def _prefill(self, x: torch.Tensor, step: Step, adapter: str) -> torch.Tensor:
+        """A prompt: the dense block, bit-identical to the base block's; the backbone computes its statistics from
+        the prompt tokens as soon as they exist (a backbone of the gate alone before ``z``), while they are still in
+        the caches that the next matrix product flushes."""
+        mlp = self.base_layer
+        backbone = self.caprese_backbone[adapter]
+        self.caprese_decoder[adapter].new_prompt()
+        gate = mlp.act_fn(mlp.gate_proj(x))
+        if backbone.statistics_from_gate:
+            stats = backbone.calibrate(gate, None, step.token_mask)
+            z = gate * mlp.up_proj(x)
+        else:
+            z = gate * mlp.up_proj(x)
+            stats = backbone.calibrate(gate, z, step.token_mask)
+        # plain attributes (see __init__), set past nn.Module.__setattr__'s checks
+        self.__dict__["_stats"] = stats
+        self.__dict__["_stats_key"] = (step.generation, adapter)
+        return mlp.down_proj(z)
+
+    def _dense_rerun(
+        self, x: torch.Tensor, gate: torch.Tensor, z: torch.Tensor, step: Step, adapter: str
+    ) -> torch.Tensor:
+        """The dense block on tokens that update the statistics (reselection) or that an observer sees."""
         backbone = self.caprese_backbone[adapter]
         dense = self.base_layer.down_proj(z)
-        if step.phase is Phase.PREFILL:
-            self.caprese_decoder[adapter].new_prompt()
-            self._stats = backbone.calibrate(gate, z, step.token_mask)
-            self._stats_key = (step.generation, adapter)
-        elif step.phase is Phase.RESELECT:
+        if step.phase is Phase.RESELECT:
             # a new statistics object, so anything derived from the old selection is rebuilt
             self._stats = backbone.update(self.statistics(step, adapter), gate, z, step.token_mask)
         elif step.phase is Phase.OBSERVED:

@@ -23,7 +23,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -709,6 +716,224 @@ at::Tensor gated_ff_cpu(const at::Tensor& x, const at::Tensor& gate, const at::T
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
+// ---- prompt statistics: what a prefill computes per layer for the backbones (the specifications are
+// caprese_peft.backbones.cats.cats_thresholds and caprese_peft.backbones.griffin's griffin_scores and top_neurons).
+// One call per layer: a prefill runs them right after the block's large matrix products, where each of the dozen
+// small torch ops they replace starts with cold caches. ----
+
+// the positions s of row b where mask (B, S) is nonzero; throws ValueError naming the rows that have none
+std::vector<std::vector<int64_t>> real_tokens(const at::Tensor& mask) {
+  const int64_t batch = mask.size(0), seq = mask.size(1);
+  const auto* m = static_cast<const uint8_t*>(mask.data_ptr());  // bool or uint8: one byte, 0 or 1
+  std::vector<std::vector<int64_t>> tokens(batch);
+  std::string empty;
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t s = 0; s < seq; ++s)
+      if (m[b * seq + s] != 0) tokens[b].push_back(s);
+    if (tokens[b].empty()) empty += (empty.empty() ? "" : ", ") + std::to_string(b);
+  }
+  TORCH_CHECK_VALUE(empty.empty(), "Sequences [", empty,
+                    "] have no prompt tokens to calibrate the sparse backbone on.");
+  return tokens;
+}
+
+at::Tensor check_token_mask(const at::Tensor& values, const at::Tensor& token_mask, const char* op) {
+  TORCH_CHECK(values.dim() == 3 && values.device().is_cpu(), "caprese_cpu::", op,
+              ": values must be (B, S, F) on the CPU, got ", values.sizes());
+  TORCH_CHECK(token_mask.dim() == 2 && token_mask.size(0) == values.size(0) && token_mask.size(1) == values.size(1),
+              "caprese_cpu::", op, ": token_mask must be (B, S) = (", values.size(0), ", ", values.size(1), "), got ",
+              token_mask.sizes());
+  const bool bytes = token_mask.scalar_type() == at::kBool || token_mask.scalar_type() == at::kByte;
+  return (bytes ? token_mask : token_mask.to(at::kByte)).contiguous();
+}
+
+// the k-th smallest (0-based) of n values that are all >= 0 or NaN: their bit patterns, as unsigned integers, are in
+// the same order (a NaN above everything, as torch sorts it). One histogram pass over the top 12 bits finds the
+// bucket that holds it; a selection among that bucket's values (a few percent of them) finishes.
+float select_nonnegative(const float* values, int64_t n, int64_t k) {
+  constexpr int kBits = 12, kShift = 32 - kBits;
+  std::vector<int32_t> count(1 << kBits, 0);
+  const auto* bits = reinterpret_cast<const uint32_t*>(values);
+  for (int64_t j = 0; j < n; ++j) ++count[bits[j] >> kShift];
+  int64_t bucket = 0, below = 0;
+  for (; below + count[bucket] <= k; ++bucket) below += count[bucket];
+  std::vector<uint32_t> candidates;
+  candidates.reserve(count[bucket]);
+  for (int64_t j = 0; j < n; ++j)
+    if ((bits[j] >> kShift) == static_cast<uint32_t>(bucket)) candidates.push_back(bits[j]);
+  std::nth_element(candidates.begin(), candidates.begin() + (k - below), candidates.end());
+  const uint32_t chosen = candidates[k - below];
+  float out;
+  std::memcpy(&out, &chosen, sizeof(out));
+  return out;
+}
+
+// The sampled positions of a row with `count` real tokens: draw u picks token t = floor(u count) and column
+// c = floor(frac(u count) width); kept as (t, c) pairs in increasing order (the order statistic does not depend on
+// the order, and increasing positions read the row front to back). Cached per draws and shape: a prompt length's
+// positions are computed once.
+struct SamplePositions {
+  std::vector<int32_t> token, column;
+};
+
+std::shared_ptr<const SamplePositions> sample_positions(const double* u, int64_t count, int64_t width,
+                                                        int64_t sample) {
+  uint64_t first;
+  std::memcpy(&first, u, sizeof(first));
+  using Key = std::tuple<const double*, uint64_t, int64_t, int64_t, int64_t>;
+  static std::mutex lock;
+  static std::map<Key, std::shared_ptr<const SamplePositions>> cache;
+  const Key key{u, first, count, width, sample};
+  {
+    std::lock_guard<std::mutex> guard(lock);
+    auto found = cache.find(key);
+    if (found != cache.end()) return found->second;
+  }
+  std::vector<int64_t> flat(sample);
+  for (int64_t j = 0; j < sample; ++j) {
+    const double scaled = u[j] * static_cast<double>(count);
+    const int64_t t = std::min(static_cast<int64_t>(scaled), count - 1);
+    const int64_t c = std::min(static_cast<int64_t>((scaled - static_cast<double>(t)) * width), width - 1);
+    flat[j] = t * width + c;
+  }
+  std::sort(flat.begin(), flat.end());
+  auto positions = std::make_shared<SamplePositions>();
+  positions->token.resize(sample);
+  positions->column.resize(sample);
+  for (int64_t j = 0; j < sample; ++j) {
+    positions->token[j] = static_cast<int32_t>(flat[j] / width);
+    positions->column[j] = static_cast<int32_t>(flat[j] % width);
+  }
+  std::lock_guard<std::mutex> guard(lock);
+  if (cache.size() >= 256) cache.clear();  // prompt lengths come and go; holders keep their own copy alive
+  cache.emplace(key, positions);
+  return positions;
+}
+
+// CATS: per row b, the n_drop-th smallest |gate| over its real tokens (n_drop = n - round(density n)), -1 where
+// n_drop is 0; over every value, or where the row holds more than `sample` (>= 0), over the fixed sample the
+// draws u (fp64) give: token floor(u T) of the row's T real ones, column floor(frac(u T) F). Returns (B, 1, 1) fp32.
+at::Tensor cats_threshold_cpu(const at::Tensor& gate, const at::Tensor& token_mask, const at::Tensor& draws,
+                              int64_t sample, double density) {
+  const at::Tensor mask = check_token_mask(gate, token_mask, "cats_threshold");
+  TORCH_CHECK(draws.scalar_type() == at::kDouble && draws.dim() == 1 && draws.is_contiguous() &&
+                  draws.device().is_cpu() && (sample < 0 || draws.numel() >= sample),
+              "caprese_cpu::cats_threshold: draws must be contiguous float64 with at least `sample` values");
+  const at::Tensor g = gate.contiguous();
+  const int64_t batch = g.size(0), seq = g.size(1), width = g.size(2);
+  const auto tokens = real_tokens(mask);
+  const double* u = draws.data_ptr<double>();
+  at::Tensor out = at::empty({batch, 1, 1}, g.options().dtype(at::kFloat));  // CatsStats.threshold's shape
+  float* thr = out.data_ptr<float>();
+  with_dtype(g.scalar_type(), [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    const scalar_t* base = g.data_ptr<scalar_t>();
+    // rows in parallel; one row runs on the calling thread (a parallel region costs more than it saves)
+    at::parallel_for(0, batch, batch > 1 ? 1 : 2, [&](int64_t begin, int64_t end) {
+      std::vector<float> values;
+      for (int64_t b = begin; b < end; ++b) {
+        const auto& pos = tokens[b];
+        const int64_t count = static_cast<int64_t>(pos.size());
+        const scalar_t* row = base + b * seq * width;
+        values.clear();
+        if (sample >= 0 && count * width > sample) {
+          values.resize(sample);
+          const auto positions = sample_positions(u, count, width, sample);
+          const int32_t* token = positions->token.data();
+          const int32_t* column = positions->column.data();
+          if (pos.back() == count - 1) {  // no padding: token t is at position t
+            for (int64_t j = 0; j < sample; ++j)
+              values[j] = std::fabs(static_cast<float>(row[token[j] * width + column[j]]));
+          } else {
+            for (int64_t j = 0; j < sample; ++j)
+              values[j] = std::fabs(static_cast<float>(row[pos[token[j]] * width + column[j]]));
+          }
+        } else {
+          values.resize(count * width);
+          for (int64_t t = 0; t < count; ++t)
+            for (int64_t c = 0; c < width; ++c)
+              values[t * width + c] = std::fabs(static_cast<float>(row[pos[t] * width + c]));
+        }
+        const int64_t n = static_cast<int64_t>(values.size());
+        const int64_t n_drop = n - static_cast<int64_t>(std::nearbyint(density * static_cast<double>(n)));
+        if (n_drop <= 0) {  // density 1: keep everything, even exact zeros
+          thr[b] = -1.0f;
+          continue;
+        }
+        thr[b] = select_nonnegative(values.data(), n, n_drop - 1);
+      }
+    });
+  });
+  return out;
+}
+
+// GRIFFIN: per row b, score_j = sqrt(sum_i w_i z_ij^2) over its real tokens i, w_i = 1 / max(sum_j z_ij^2, FLT_MIN)
+// (the l2 norm over tokens of the row-normalised |z|), and keep: the k highest scores (ties to the lower neuron).
+// Returns score (B, F) fp32 and keep (B, 1, F) bool.
+std::tuple<at::Tensor, at::Tensor> griffin_select_cpu(const at::Tensor& z, const at::Tensor& token_mask, int64_t k) {
+  const at::Tensor mask = check_token_mask(z, token_mask, "griffin_select");
+  const at::Tensor zc = z.contiguous();
+  const int64_t batch = zc.size(0), seq = zc.size(1), width = zc.size(2);
+  TORCH_CHECK(k >= 1 && k <= width, "caprese_cpu::griffin_select: k must lie in [1, ", width, "], got ", k);
+  const auto tokens = real_tokens(mask);
+  at::Tensor score = at::zeros({batch, width}, zc.options().dtype(at::kFloat));
+  at::Tensor keep = at::zeros({batch, 1, width}, zc.options().dtype(at::kBool));
+  float* sc = score.data_ptr<float>();
+  bool* kp = keep.data_ptr<bool>();
+  with_dtype(zc.scalar_type(), [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    const scalar_t* base = zc.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < batch; ++b) {
+      const auto& pos = tokens[b];
+      const int64_t count = static_cast<int64_t>(pos.size());
+      const scalar_t* row = base + b * seq * width;
+      // a prompt of a few hundred tokens is done before a second thread would have started
+      const int64_t grain = count * width < (1 << 20) ? std::max<int64_t>(count, width) : 16;
+      std::vector<float> weight(count);
+      at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const scalar_t* zt = row + pos[t] * width;
+          Vec acc = vzero();
+          int64_t j = 0;
+          for (; j + kWidth <= width; j += kWidth) {
+            const Vec v = vload(zt + j);
+            acc = vfma(v, v, acc);
+          }
+          float sum = vsum(acc);
+          for (; j < width; ++j) sum += static_cast<float>(zt[j]) * static_cast<float>(zt[j]);
+          weight[t] = 1.0f / std::max(sum, std::numeric_limits<float>::min());
+        }
+      });
+      float* s = sc + b * width;
+      // columns split among threads, each walking every token over its columns
+      at::parallel_for(0, width, grain == 16 ? 256 : width, [&](int64_t begin, int64_t end) {
+        for (int64_t t = 0; t < count; ++t) {
+          const scalar_t* zt = row + pos[t] * width;
+          const Vec w = vset1(weight[t]);
+          int64_t j = begin;
+          for (; j + kWidth <= end; j += kWidth) {
+            const Vec v = vload(zt + j);
+            vstore(s + j, vfma(vmul(w, v), v, vload(s + j)));
+          }
+          for (; j < end; ++j) s[j] += weight[t] * static_cast<float>(zt[j]) * static_cast<float>(zt[j]);
+        }
+        for (int64_t j = begin; j < end; ++j) s[j] = std::sqrt(s[j]);
+      });
+      // scores are >= 0 or NaN, so their bit patterns sort as they do (a NaN highest, as in torch.topk); the key
+      // puts the neuron's complement below them: equal scores rank the lower neuron higher
+      std::vector<uint64_t> key(width);
+      for (int64_t j = 0; j < width; ++j) {
+        uint32_t bits;
+        std::memcpy(&bits, s + j, sizeof(bits));
+        key[j] = (static_cast<uint64_t>(bits) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(j));
+      }
+      std::nth_element(key.begin(), key.begin() + (k - 1), key.end(), std::greater<uint64_t>());
+      for (int64_t j = 0; j < k; ++j) kp[b * width + (0xFFFFFFFFu - static_cast<uint32_t>(key[j]))] = true;
+    }
+  });
+  return {score, keep};
+}
+
 std::string isa() { return kIsa; }
 
 }  // namespace
@@ -719,10 +944,14 @@ TORCH_LIBRARY(caprese_cpu, m) {
       "gated_ff(Tensor x, Tensor gate, Tensor up, Tensor low_up, Tensor down_t, Tensor low_down, Tensor? threshold, "
       "Tensor? keep, str activation, Tensor? stand_up=None, Tensor? stand_down=None, Tensor? stand_scale=None, "
       "Tensor? stand_gate=None) -> Tensor");
+  m.def("cats_threshold(Tensor gate, Tensor token_mask, Tensor draws, int sample, float density) -> Tensor");
+  m.def("griffin_select(Tensor z, Tensor token_mask, int k) -> (Tensor, Tensor)");
   m.def("isa() -> str", &isa);
 }
 
 TORCH_LIBRARY_IMPL(caprese_cpu, CPU, m) {
   m.impl("linear", &linear_cpu);
   m.impl("gated_ff", &gated_ff_cpu);
+  m.impl("cats_threshold", &cats_threshold_cpu);
+  m.impl("griffin_select", &griffin_select_cpu);
 }

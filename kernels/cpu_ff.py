@@ -127,6 +127,15 @@ def _register_fakes() -> None:
     ) -> torch.Tensor:  # fmt: skip
         return torch.empty_like(x)
 
+    @torch.library.register_fake("caprese_cpu::cats_threshold")
+    def _cats_threshold_fake(gate, token_mask, draws, sample, density) -> torch.Tensor:
+        return gate.new_empty(gate.shape[0], 1, 1, dtype=torch.float32)
+
+    @torch.library.register_fake("caprese_cpu::griffin_select")
+    def _griffin_select_fake(z, token_mask, k) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, _, width = z.shape
+        return z.new_empty(batch, width, dtype=torch.float32), z.new_empty(batch, 1, width, dtype=torch.bool)
+
 
 def available() -> bool:
     """Whether the C++ ops are built and loaded (building them on first use)."""
@@ -375,3 +384,30 @@ def griffin_ff_cpu(
     if keep.shape != (x.shape[0], weights.gate.shape[0]):
         raise ValueError(f"keep must be (B, F) = ({x.shape[0]}, {weights.gate.shape[0]}), got {tuple(keep.shape)}.")
     return gated_ff(x, weights, activation, keep=keep.to(torch.uint8), stand_in=stand_in, use_kernels=use_kernels)
+
+
+# ---- prompt statistics: one op per layer and prefill ----
+
+
+def statistics_op_applies(values: torch.Tensor) -> bool:
+    """Whether ``cats_threshold``/``griffin_select`` compute the statistics of ``values (B, S, F)``: on a CPU, in a
+    dtype the ops take, the ops built (``CAPRESE_CPU_KERNELS=0`` keeps them off)."""
+    return values.device.type == "cpu" and values.dtype in SUPPORTED_DTYPES and load_extension()
+
+
+def cats_threshold(
+    gate: torch.Tensor, token_mask: torch.Tensor, density: float, sample: int | None, draws: torch.Tensor
+) -> torch.Tensor:
+    """``caprese_peft.backbones.cats.cats_thresholds`` in one call, the same values: per sequence, the order statistic
+    of ``|gate|`` over its real tokens (``token_mask (B, S)``), over every value or the fixed ``sample`` of them
+    that ``draws`` (fp64 in [0, 1)) give; ``(B, 1, 1)`` fp32. Carries no gradient (the threshold is only compared).
+    """
+    gate = gate.detach() if gate.requires_grad else gate
+    return torch.ops.caprese_cpu.cats_threshold(gate, token_mask, draws, -1 if sample is None else sample, density)
+
+
+def griffin_select(z: torch.Tensor, token_mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``griffin_scores`` and ``top_neurons`` of ``caprese_peft.backbones.griffin`` in one call: ``score (B, F)`` fp32
+    (the same up to the order of fp32 sums) and ``keep (B, 1, F)`` bool, the ``k`` highest scores (ties to the lower
+    neuron). Carries no gradient."""
+    return torch.ops.caprese_cpu.griffin_select(z.detach() if z.requires_grad else z, token_mask, k)

@@ -9,10 +9,21 @@ from peft import get_peft_model
 from caprese_peft import Backbone, CapreseConfig, available_backbones, register_backbone
 from caprese_peft.backbones import Cats, Griffin
 from caprese_peft.backbones import base as backbone_base
+from caprese_peft.backbones import cats as cats_module
+from caprese_peft.backbones import griffin as griffin_module
 from caprese_peft.backbones.cats import THRESHOLD_SAMPLE
 from caprese_peft.backbones.griffin import griffin_scores
 
 from conftest import random_prompts, tiny_model
+
+
+@pytest.fixture(autouse=True, params=["cpu-op", "torch"])
+def statistics_path(request, monkeypatch):
+    """Every test twice: statistics through the C++ op (where it builds) and through the torch specification."""
+    if request.param == "torch":
+        monkeypatch.setattr(cats_module, "statistics_op", lambda values: None)
+        monkeypatch.setattr(griffin_module, "statistics_op", lambda values: None)
+    return request.param
 
 
 def _random(*shape, seed=0):

@@ -9,13 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from caprese_peft.backbones import Cats, Griffin
+from caprese_peft.backbones.cats import _uniform, cats_thresholds
+from caprese_peft.backbones.griffin import griffin_scores, kept_count, top_neurons
 from caprese_peft.kernels import prepare_cats_weights
 from caprese_peft.kernels.cpu_ff import (
     cats_ff_cpu,
+    cats_threshold,
     dense_ff,
     gated_ff,
     gated_ff_reference,
     griffin_ff_cpu,
+    griffin_select,
     linear,
     linear_reference,
     load_extension,
@@ -410,3 +415,104 @@ def test_griffin_stand_in_reads_no_row_of_a_neuron_every_sequence_keeps():
     assert_close(out, expected, torch.float32)
     with pytest.raises(ValueError, match="gate rows"):  # a CATS stand-in (no gate rows) with a keep mask
         griffin_ff_cpu(x, prepare_cats_weights(*weights), keep, "silu", prepare_stand_in(weights[1], weights[2]))
+
+
+# ---- prompt statistics ----
+
+
+def prompt_values(
+    batch: int, seq: int, width: int, dtype: torch.dtype, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ``(B, S, F)`` values and a ``(B, S)`` token mask whose odd rows are left-padded (padding loud)."""
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(batch, seq, width, generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.bool)
+    for row in range(1, batch, 2):
+        mask[row, : seq // 3] = False
+        values[row, : seq // 3] *= 100
+    return values.to(dtype), mask
+
+
+@requires_op
+@pytest.mark.parametrize("sample", [None, 50, 8192], ids=lambda s: f"sample{s}")
+@pytest.mark.parametrize("shape", [(1, 93, 200), (3, 7, 37), (4, 40, 200), (2, 1, 5)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cats_threshold_op_is_cats_thresholds(dtype, shape, sample):
+    """The same order statistic, bit for bit: every real value, or the same fixed sample, padding left out."""
+    gate, mask = prompt_values(*shape, dtype, seed=sum(shape))
+    draws = _uniform(gate.device, sample or 0)
+    for density in (0.5, 0.3, 0.01, 1.0):
+        expected = cats_thresholds(gate, mask, density, sample)
+        assert torch.equal(cats_threshold(gate, mask, density, sample, draws), expected)
+
+
+@requires_op
+def test_cats_threshold_op_with_ties_is_the_kth_smallest_magnitude():
+    gate = torch.randint(-6, 7, (3, 17, 29), generator=torch.Generator().manual_seed(4)).float()
+    mask = torch.ones(3, 17, dtype=torch.bool)
+    mask[2, :5] = False
+    for density in (0.01, 0.3, 0.5, 0.99):
+        assert torch.equal(
+            cats_threshold(gate, mask, density, None, _uniform(gate.device)),
+            cats_thresholds(gate, mask, density, None),
+        )
+
+
+@requires_op
+@pytest.mark.parametrize("shape", [(1, 93, 200), (3, 7, 37), (4, 40, 200), (2, 1, 5)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_griffin_select_op_is_the_specification(dtype, shape):
+    """The same scores up to the order of fp32 sums, and the same kept neurons."""
+    z, mask = prompt_values(*shape, dtype, seed=sum(shape) + 1)
+    expected_score = griffin_scores(z, mask)
+    for density in (0.5, 0.1, 1.0):
+        score, keep = griffin_select(z, mask, kept_count(density, z.shape[-1]))
+        torch.testing.assert_close(score, expected_score, rtol=1e-5, atol=1e-7)
+        assert keep.dtype == torch.bool and torch.equal(keep, top_neurons(expected_score, density))
+
+
+@requires_op
+def test_griffin_select_breaks_ties_toward_the_lower_neuron():
+    z = torch.ones(1, 3, 8)  # every score equal
+    _, keep = griffin_select(z, torch.ones(1, 3, dtype=torch.bool), 3)
+    assert keep[0, 0].tolist() == [True] * 3 + [False] * 5
+
+
+@requires_op
+@pytest.mark.parametrize("backbone", [Cats(0.5), Griffin(0.5)], ids=lambda b: b.name)
+def test_backbones_calibrate_through_the_op_on_a_cpu(backbone, monkeypatch):
+    """A CPU prefill's statistics come from the op, and are what the torch specification computes."""
+    from caprese_peft.kernels import cpu_ff
+
+    gate, mask = prompt_values(2, 30, 64, torch.float32, seed=8)
+    z = gate * 0.5
+    name = "cats_threshold" if backbone.name == "cats" else "griffin_select"
+    calls, real = [], getattr(cpu_ff, name)
+    monkeypatch.setattr(cpu_ff, name, lambda *args: calls.append(1) or real(*args))
+    stats = backbone.calibrate(gate, z, mask)
+    assert calls == [1]
+    if backbone.name == "cats":
+        assert torch.equal(stats.threshold, cats_thresholds(gate, mask, 0.5))
+    else:
+        assert torch.equal(stats.keep, top_neurons(griffin_scores(z, mask), 0.5))
+
+
+@requires_op
+def test_statistics_ops_refuse_a_sequence_without_prompt_tokens():
+    gate = torch.randn(3, 4, 16)
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]]).bool()
+    with pytest.raises(ValueError, match=r"Sequences \[1, 2\] have no prompt tokens"):
+        cats_threshold(gate, mask, 0.5, 8192, _uniform(gate.device))
+    with pytest.raises(ValueError, match=r"Sequences \[1, 2\] have no prompt tokens"):
+        griffin_select(gate, mask, 4)
+
+
+@requires_op
+def test_statistics_ops_pass_opcheck():
+    gate, mask = prompt_values(2, 9, 40, torch.float32, seed=2)
+    tests = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
+    draws = _uniform(gate.device)
+    torch.library.opcheck(
+        torch.ops.caprese_cpu.cats_threshold.default, (gate, mask, draws, 100, 0.5), test_utils=tests
+    )
+    torch.library.opcheck(torch.ops.caprese_cpu.griffin_select.default, (gate, mask, 20), test_utils=tests)

@@ -29,13 +29,18 @@ class Backbone(ABC):
     # whether a generated token computes every neuron's gate activation (CATS: its keep mask needs them), so that
     # the stand-in of dropped neurons uses the exact ones; False (GRIFFIN) quantizes the dropped gates too
     reads_every_gate: ClassVar[bool] = True
+    # whether ``calibrate`` reads ``gate`` only: a prefill then calls it with ``z=None`` before computing ``z``
+    statistics_from_gate: ClassVar[bool] = False
 
     def __init__(self, density: float) -> None:
         self.density = check_density(density)
 
     @abstractmethod
     def calibrate(self, gate: torch.Tensor, z: torch.Tensor, token_mask: torch.Tensor) -> Any:
-        """Statistics per sequence from the tokens where ``token_mask`` (``(batch, seq)`` bool) is True."""
+        """Statistics per sequence from the tokens where ``token_mask`` (``(batch, seq)`` bool) is True.
+
+        A prefill passes ``z=None`` to a backbone with ``statistics_from_gate``: it calibrates before ``z`` exists.
+        """
 
     @abstractmethod
     def keep_mask(self, gate: torch.Tensor, stats: Any) -> torch.Tensor:
@@ -259,6 +264,26 @@ def warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         warnings.warn(message, stacklevel=3)
+
+
+def statistics_op(values: torch.Tensor) -> Any:
+    """``caprese_peft.kernels.cpu_ff`` when its C++ ops compute a prefill's statistics of ``values (B, S, F)`` (on a
+    CPU where they build), else None: the backbone's torch specification runs. Every layer of a prefill asks, so the
+    answer for a (device type, dtype) is found once."""
+    key = (values.device.type, values.dtype)
+    if key not in _STATISTICS_OPS:
+        ops = None
+        if key[0] == "cpu":
+            try:
+                from ..kernels import cpu_ff
+            except ImportError:  # the kernels package needs triton, which ships for Linux
+                cpu_ff = None
+            ops = cpu_ff if cpu_ff is not None and cpu_ff.statistics_op_applies(values) else None
+        _STATISTICS_OPS[key] = ops
+    return _STATISTICS_OPS[key]
+
+
+_STATISTICS_OPS: dict[tuple, Any] = {}
 
 
 def check_token_mask(token_mask: torch.Tensor) -> None:

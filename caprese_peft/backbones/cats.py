@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..sparse_ff import ACTIVATIONS, cats_merged_ff
-from .base import Backbone, SparseDecoder, check_token_mask, register_backbone
+from .base import Backbone, SparseDecoder, check_token_mask, register_backbone, statistics_op
 
 
 @dataclass
@@ -22,11 +22,12 @@ THRESHOLD_SAMPLE = 8192
 _UNIFORM: dict[torch.device, torch.Tensor] = {}
 
 
-def _uniform(device: torch.device, size: int = 1 << 16) -> torch.Tensor:
-    """Fixed draws in [0, 1), fp64, on ``device`` (samples take a prefix): every prompt is sampled the same way."""
-    if device not in _UNIFORM:
+def _uniform(device: torch.device, size: int = THRESHOLD_SAMPLE) -> torch.Tensor:
+    """At least ``size`` fixed draws in [0, 1), fp64, on ``device`` (samples take a prefix, the same for any
+    ``size``): every prompt is sampled the same way."""
+    if device not in _UNIFORM or _UNIFORM[device].numel() < size:
         generator = torch.Generator().manual_seed(0)
-        _UNIFORM[device] = torch.rand(size, generator=generator, dtype=torch.float64).to(device)
+        _UNIFORM[device] = torch.rand(max(size, 1 << 16), generator=generator, dtype=torch.float64).to(device)
     return _UNIFORM[device]
 
 
@@ -73,7 +74,7 @@ def _sample_positions(device: torch.device, length: int, width: int, sample: int
     """The ``sample`` (token, column) pairs a prompt of ``length`` real tokens is sampled at, ``(sample,)`` each:
     fixed draw ``u`` picks token ``floor(u T)`` and, from the rest of ``u T``, column ``floor(frac F)``. Cached: a
     prompt length's positions are computed once."""
-    scaled = _uniform(device)[:sample] * length
+    scaled = _uniform(device, sample)[:sample] * length
     token = scaled.long()
     return token, ((scaled - token) * width).long().clamp_max(width - 1)
 
@@ -182,9 +183,15 @@ class Cats(Backbone):
 
     name = "cats"
     decoder = CatsDecoder
+    statistics_from_gate = True  # the threshold is a quantile of |gate|
     threshold_sample: int | None = THRESHOLD_SAMPLE  # gate values a long prompt's threshold comes from; None: all
 
     def calibrate(self, gate: torch.Tensor, z: torch.Tensor, token_mask: torch.Tensor) -> CatsStats:
+        ops = statistics_op(gate)
+        if ops is not None:  # the same thresholds in one C++ call (a prefill pays per op, every layer)
+            sample = self.threshold_sample
+            draws = _uniform(gate.device, sample or 0)
+            return CatsStats(threshold=ops.cats_threshold(gate, token_mask, self.density, sample, draws))
         check_token_mask(token_mask)
         return CatsStats(threshold=cats_thresholds(gate, token_mask, self.density, self.threshold_sample))
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..sparse_ff import griffin_merged_ff, griffin_merged_weights, keep_indices
-from .base import Backbone, SparseDecoder, check_token_mask, register_backbone
+from .base import Backbone, SparseDecoder, check_token_mask, register_backbone, statistics_op
 
 
 @dataclass
@@ -29,10 +29,14 @@ def griffin_scores(z: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
     return (weights.unsqueeze(1) @ squares).squeeze(1).sqrt()
 
 
+def kept_count(density: float, width: int) -> int:
+    """How many of ``width`` neurons GRIFFIN keeps: ``round(density * width)``, at least one."""
+    return max(1, round(density * width))
+
+
 def top_neurons(score: torch.Tensor, density: float) -> torch.Tensor:
     """Bool mask ``(batch, 1, d_ff)`` of the ``round(density * d_ff)`` highest scores of each row."""
-    k = max(1, round(density * score.shape[-1]))
-    idx = score.topk(k, dim=-1).indices
+    idx = score.topk(kept_count(density, score.shape[-1]), dim=-1).indices
     keep = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, idx, True)
     return keep.unsqueeze(1)
 
@@ -114,6 +118,10 @@ class Griffin(Backbone):
     reads_every_gate = False  # a generated token computes the gates of its kept neurons only
 
     def calibrate(self, gate: torch.Tensor, z: torch.Tensor, token_mask: torch.Tensor) -> GriffinStats:
+        ops = statistics_op(z)
+        if ops is not None:  # the same selection in one C++ call (a prefill pays per op, every layer)
+            score, keep = ops.griffin_select(z, token_mask, kept_count(self.density, z.shape[-1]))
+            return GriffinStats(score=score, keep=keep)
         check_token_mask(token_mask)
         score = griffin_scores(z, token_mask)
         return GriffinStats(score=score, keep=top_neurons(score, self.density))
@@ -127,5 +135,4 @@ class Griffin(Backbone):
         return GriffinStats(score=score, keep=top_neurons(score, self.density))
 
     def active_ff_weights(self, hidden_size: int, intermediate_size: int) -> float:
-        k = max(1, round(self.density * intermediate_size))
-        return 3.0 * hidden_size * k
+        return 3.0 * hidden_size * kept_count(self.density, intermediate_size)

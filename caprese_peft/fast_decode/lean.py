@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones.griffin import kept_count
 from ..sparse_ff import activation_name, cats_merged_ff, griffin_fused_ff
 
 # the buffers of a block laid out for caprese_cpu::gated_ff: CatsFFWeights' fields, in its order
@@ -95,16 +96,17 @@ def _static(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _store(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Set buffer ``name`` to ``value`` (a tensor nothing else holds), in place when the shape allows.
+def _store(module: nn.Module, name: str, value: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """Set buffer ``name`` to a copy of ``value`` (in ``dtype``, default its own), in place when the shape allows.
 
-    In place keeps the addresses a captured CUDA graph reads.
+    In place keeps the addresses a captured CUDA graph reads; it costs one copy, the conversion included.
     """
     current = getattr(module, name)
-    if current is not None and current.shape == value.shape and current.dtype == value.dtype:
+    dtype = value.dtype if dtype is None else dtype
+    if current is not None and current.shape == value.shape and current.dtype == dtype:
         current.copy_(value)
     else:
-        setattr(module, name, _static(value.contiguous()))
+        setattr(module, name, _static(value.to(dtype, memory_format=torch.contiguous_format, copy=True)))
 
 
 class DenseFF(nn.Module):
@@ -186,9 +188,8 @@ class GriffinFF(nn.Module):
         stats = self.decoder.layer._stats
         with torch.no_grad():
             if self.activation is not None:
-                keep = stats.keep.reshape(stats.keep.shape[0], -1)
-                self.kept = int(keep[0].sum())
-                _store(self, "keep", keep.to(torch.uint8))
+                _store(self, "keep", stats.keep.reshape(stats.keep.shape[0], -1), torch.uint8)
+                self.kept = kept_count(self.decoder.backbone.density, self.gate.shape[0])
                 return
             merged = self.decoder.build(stats, self.low_rank)
             self.kept = merged.gate.shape[1]
@@ -263,7 +264,7 @@ class CatsFF(nn.Module):
     def load(self) -> None:
         """Take this prompt batch's thresholds from the layer's statistics."""
         with torch.no_grad():
-            _store(self, "threshold", self.decoder.layer._stats.threshold.reshape(-1).float().clone())
+            _store(self, "threshold", self.decoder.layer._stats.threshold.reshape(-1), torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation is None:
