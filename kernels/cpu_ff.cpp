@@ -1,7 +1,8 @@
 // CPU decode kernels for Caprese: a batched GEMV and a fused gated feed-forward block that reads the up and
-// down rows of active neurons only. Registered as torch.library ops `caprese_cpu::linear` and
-// `caprese_cpu::gated_ff`; kernels/cpu_ff.py builds this file on first use (-O3 -march=native) and holds the
-// torch references they must match.
+// down rows of active neurons only, registered as torch.library ops `caprese_cpu::linear` and
+// `caprese_cpu::gated_ff`; and the prefill's backbone statistics in one call per layer (`cats_threshold`,
+// `griffin_select`). kernels/cpu_ff.py builds this file on first use (-O3 -march=native); the torch references
+// they must match are there and in caprese_peft.backbones.
 //
 // Why hand-written: at batch 1..8 a decode step is a sequence of GEMVs whose cost is reading the weights once.
 // The fused block walks the neurons in tiles: the gate rows of a tile, then the up rows and the down rows of

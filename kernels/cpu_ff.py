@@ -1,8 +1,9 @@
-"""CPU decode ops: a batched GEMV and a fused gated FF block reading only the rows of kept neurons.
+"""CPU decode ops: a batched GEMV and a fused gated FF block reading only the rows of kept neurons; and a prefill's
+backbone statistics in one op per layer.
 
 The C++ source ``cpu_ff.cpp`` is compiled on first use with ``torch.utils.cpp_extension`` (``-O3 -march=native``
 on the machine that runs it, cached under ``TORCH_EXTENSIONS_DIR``; about 18 s the first time on 2 cores, then a load) and
-registers two ``torch.library`` ops, so ``torch.compile`` traces them as opaque calls:
+registers ``torch.library`` ops, so ``torch.compile`` traces them as opaque calls:
 
 - ``torch.ops.caprese_cpu.linear(x, weight)``: ``x (B, D) @ weight (N, D)^T``, fp32 accumulation;
 - ``torch.ops.caprese_cpu.gated_ff(x, gate, up, low_up, down_t, low_down, threshold, keep, activation)``: the
@@ -12,9 +13,13 @@ registers two ``torch.library`` ops, so ``torch.compile`` traces them as opaque 
   neurons), or always (dense). Up and down rows of a neuron no row keeps are never read. The optional
   ``stand_up, stand_down, stand_scale, stand_gate`` (``StandIn4``) add the neurons a row drops from 4-bit copies of
   their up and down rows (``CapreseConfig.stand_in_bits=4``), and with a keep mask (GRIFFIN) of their gate rows,
-  read only for neurons some row drops.
+  read only for neurons some row drops;
+- ``torch.ops.caprese_cpu.cats_threshold`` and ``griffin_select``: the statistics a prefill computes per layer
+  (``cats_threshold``, ``griffin_select`` below; specifications ``caprese_peft.backbones.cats.cats_thresholds`` and
+  ``caprese_peft.backbones.griffin``'s ``griffin_scores``, ``top_neurons``), which ``Cats.calibrate`` and
+  ``Griffin.calibrate`` call on a CPU.
 
-Each op has a pure-torch reference here (``linear_reference``, ``gated_ff_reference``), itself checked against
+The decode ops have pure-torch references here (``linear_reference``, ``gated_ff_reference``), checked against
 the specifications in ``caprese_peft.sparse_ff``; the public functions take ``use_kernels`` like ``caprese_peft.kernels.cats_ff``:
 None runs the op when it is built and applies, True demands it, False runs the reference. Where the op cannot be
 built (no compiler, no ninja), one warning is given and the references run.
