@@ -6,7 +6,8 @@ the values of L and R) and each batch size, FastDecoders are built in every form
 
 - ``torch``: the lean step on torch's own ops (MKL's GEMV), eager; ``torch-compiled``: the same under inductor;
 - ``ops``: the C++ ops of ``caprese_peft.kernels.cpu_ff`` for every GEMV and FF block, eager; ``ops-compiled``: under
-  inductor (FastDecoder's default on a CPU); ``ff-ops-compiled``: the ops for the FF blocks only.
+  inductor (FastDecoder's default on a CPU); ``ff-ops-compiled``: the ops for the FF blocks only;
+  ``ops-cpp-wrapper``: ``ops-compiled`` with inductor's ``cpp_wrapper`` (C++ instead of Python between kernels).
 
 All are prefilled with the same GSM8K dev prompts; decode steps are timed in blocks of
 ``--block`` tokens, the forms' blocks interleaved over ``--rounds`` rounds, each block waiting for an otherwise idle
@@ -51,6 +52,11 @@ FORMS = {  # name: (FastDecoder options, the C++ GEMV for attention and the lm_h
     "ops": (dict(compile="none"), True),
     "ops-compiled": (dict(compile="default"), True),
     "ff-ops-compiled": (dict(compile="default"), False),
+    # ops-compiled with inductor's C++ wrapper: no Python between the step's kernels, a much longer first compile
+    "ops-cpp-wrapper": (
+        dict(compile=lambda step: torch.compile(step, fullgraph=True, options={"cpp_wrapper": True})),
+        True,
+    ),
 }
 MODES = {  # name: adapter options (None: the base model)
     "dense": None,

@@ -185,6 +185,16 @@ def test_every_mode_compiles_as_one_graph(case, once):
     assert torch.equal(compiled.generate(ids, mask, max_new_tokens=4), eager)
 
 
+@pytest.mark.skipif(not cpu_ops_available(), reason="the C++ CPU ops could not be built here")
+def test_cpp_wrapper_step_decodes_what_the_eager_step_decodes():
+    """compile="cpp-wrapper": inductor's C++ wrapper calls the C++ ops (CATS and dense blocks, every GEMV) itself."""
+    torch._dynamo.reset()
+    model = build("llama", dict(backbone="cats", layers_to_transform=[1, 3]))
+    ids, mask = random_prompts([5, 7])
+    want = eager_decoder(model).generate(ids, mask, max_new_tokens=4)
+    assert torch.equal(FastDecoder(model, compile="cpp-wrapper").generate(ids, mask, max_new_tokens=4), want)
+
+
 def test_inductor_step_writes_a_long_cache_in_place():
     """Compiled by inductor (as on a GPU, without CUDA graphs), the step keeps 8K positions of static KV buffers and
     writes each token into them in place: one step allocates far less than one layer's cache would take to copy."""
