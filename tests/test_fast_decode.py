@@ -321,3 +321,22 @@ def test_int4_stand_in_decodes_through_the_cpu_op(backbone):
     # without the stand-in the tokens differ: the comparison above can fail
     assert not torch.equal(eager_decoder(plain, mode="caprese").generate(ids, mask, max_new_tokens=NEW_TOKENS),
                            fast["caprese"])  # fmt: skip
+
+
+def test_a_stored_buffer_never_shares_memory_with_the_statistics():
+    from torch import nn
+
+    from caprese_peft.fast_decode.lean import _store
+
+    module = nn.Module()
+    module.register_buffer("threshold", None)
+    module.register_buffer("keep", None)
+    threshold, keep = torch.ones(3, 1, 1), torch.ones(3, 1, 5, dtype=torch.bool)
+    _store(module, "threshold", threshold.reshape(-1), torch.float32)  # a view, no conversion: copied
+    _store(module, "keep", keep.reshape(3, -1), torch.uint8)  # converted
+    threshold.zero_()
+    keep.zero_()
+    assert module.threshold.eq(1).all() and module.keep.dtype == torch.uint8 and module.keep.eq(1).all()
+    before = module.threshold.data_ptr()
+    _store(module, "threshold", torch.full((3,), 2.0))  # same shape: written in place
+    assert module.threshold.data_ptr() == before and module.threshold.eq(2).all()

@@ -97,16 +97,20 @@ def _static(t: torch.Tensor) -> torch.Tensor:
 
 
 def _store(module: nn.Module, name: str, value: torch.Tensor, dtype: torch.dtype | None = None) -> None:
-    """Set buffer ``name`` to a copy of ``value`` (in ``dtype``, default its own), in place when the shape allows.
+    """Set buffer ``name`` to ``value``'s values (in ``dtype``, default its own), in place when the shape allows.
 
-    In place keeps the addresses a captured CUDA graph reads; it costs one copy, the conversion included.
+    In place keeps the addresses a captured CUDA graph reads; it costs one copy, the conversion included. A new
+    buffer never shares memory with ``value`` (which may be the layer's statistics).
     """
     current = getattr(module, name)
     dtype = value.dtype if dtype is None else dtype
     if current is not None and current.shape == value.shape and current.dtype == dtype:
         current.copy_(value)
-    else:
-        setattr(module, name, _static(value.to(dtype, memory_format=torch.contiguous_format, copy=True)))
+        return
+    stored = value.to(dtype, memory_format=torch.contiguous_format)
+    if stored.untyped_storage().data_ptr() == value.untyped_storage().data_ptr():
+        stored = stored.clone()
+    setattr(module, name, _static(stored))
 
 
 class DenseFF(nn.Module):
