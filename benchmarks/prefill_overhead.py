@@ -1,0 +1,95 @@
+"""What a Caprese adapter adds to a prefill, on the same weights: the plain model against the same model wrapped.
+
+SmolLM2-135M, batch 1, random prompts of ``--lengths`` tokens. Each round times the plain model, then wraps it with
+Caprese(CATS 0.5) and Caprese(GRIFFIN 0.5) in turn (all layers, rank 64; one warm-up forward, then two timed ones;
+GRIFFIN's wrapper also with its adapter disabled) and unwraps it again, so every variant reads the very same weight
+memory: copies of a model can differ by a few percent in speed by where their pages lie. Medians over ``--rounds``.
+
+    python benchmarks/prefill_overhead.py [--lengths 100 500 2000] [--rounds 6] [--threads 2]
+
+Output: benchmarks/results/prefill_overhead.json (CPU model, threads, versions, commit) and a line per length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a checkout that is not pip-installed
+    sys.path.insert(0, str(ROOT))
+
+import caprese_peft  # noqa: E402
+from benchmarks.bench_cpu import cpu_model  # noqa: E402
+from benchmarks.common import RESULTS, run_metadata  # noqa: E402
+from caprese_peft import CapreseConfig  # noqa: E402
+
+
+@torch.no_grad()
+def measure(base, length: int, rounds: int) -> dict:
+    ids = torch.randint(0, base.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
+
+    def timed(model) -> float:
+        start = time.perf_counter()
+        model(input_ids=ids, logits_to_keep=1)
+        return time.perf_counter() - start
+
+    times = {"dense": [], "cats": [], "griffin": [], "griffin disabled": []}
+    timed(base)
+    for _ in range(rounds):
+        times["dense"].append(timed(base))
+        for backbone in ("cats", "griffin"):
+            model = get_peft_model(base, CapreseConfig(backbone=backbone, density=0.5, r=64)).eval()
+            timed(model)  # warm-up
+            times[backbone] += [timed(model), timed(model)]
+            if backbone == "griffin":
+                with model.disable_adapter():
+                    times["griffin disabled"] += [timed(model), timed(model)]
+            model.unload()
+            times["dense"].append(timed(base))
+    dense = statistics.median(times["dense"])
+    return {
+        name: {"ms": round(statistics.median(t) * 1e3, 1), "vs_dense": round(statistics.median(t) / dense, 3)}
+        for name, t in times.items()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[100, 500, 2000])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", type=Path, default=RESULTS / "prefill_overhead.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    base, _ = caprese_peft.load_smollm2()
+    base.eval()
+    results = {}
+    for length in args.lengths:
+        results[str(length)] = measure(base, length, args.rounds)
+        print(
+            f"prompt {length:>5}: "
+            + "  ".join(f"{k} {v['ms']} ms ({v['vs_dense']:.3f}x)" for k, v in results[str(length)].items()),
+            flush=True,
+        )
+    result = {
+        **run_metadata("cpu"),
+        "cpu_model": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "results": results,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"-> {args.output}")
+
+
+if __name__ == "__main__":
+    main()
