@@ -6,6 +6,7 @@ On CUDA, times come from ``triton.testing.do_bench`` (CUDA events, L2 flushed be
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 import subprocess
@@ -98,3 +99,10 @@ def copy_bandwidth_gbps(device: str, gib: float = 1.0) -> float:
     dst = torch.empty_like(src)
     ms, _, _ = time_ms(partial(dst.copy_, src), device)
     return 2 * n * 2 / (ms * 1e-3) / 1e9
+
+
+def write_result(path: Path, result: dict) -> None:
+    """Write a benchmark's result (with ``run_metadata``) as indented JSON, and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"-> {path}")

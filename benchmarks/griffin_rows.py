@@ -14,7 +14,6 @@ Output: benchmarks/results/griffin_rows.json (CPU model, threads, versions, comm
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout that is not pip
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_cpu import cpu_model  # noqa: E402
-from benchmarks.common import RESULTS, run_metadata  # noqa: E402
+from benchmarks.common import RESULTS, run_metadata, write_result  # noqa: E402
 from caprese_peft.kernels import prepare_cats_weights  # noqa: E402
 from caprese_peft.kernels.cpu_ff import load_extension  # noqa: E402
 
@@ -91,9 +90,7 @@ def main() -> None:
         "settings": {k: str(v) for k, v in vars(args).items()},
         "rows": rows,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"-> {args.output}")
+    write_result(args.output, result)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Output: benchmarks/results/prefill_overhead.json (CPU model, threads, versions, 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout that is not pip
 
 import caprese_peft  # noqa: E402
 from benchmarks.bench_cpu import cpu_model  # noqa: E402
-from benchmarks.common import RESULTS, run_metadata  # noqa: E402
+from benchmarks.common import RESULTS, run_metadata, write_result  # noqa: E402
 from caprese_peft import CapreseConfig  # noqa: E402
 
 
@@ -86,9 +85,7 @@ def main() -> None:
         "settings": {k: str(v) for k, v in vars(args).items()},
         "results": results,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"-> {args.output}")
+    write_result(args.output, result)
 
 
 if __name__ == "__main__":

@@ -165,9 +165,7 @@ class CapreseLayer(nn.Module, BaseTunerLayer):
         if self._disable_adapters or self.merged_adapters:
             return None
         active = self._active_adapter
-        if isinstance(active, str):
-            return active if active in self.caprese_backbone else None
-        adapters = [a for a in active if a in self.caprese_backbone]
+        adapters = [a for a in ([active] if isinstance(active, str) else active) if a in self.caprese_backbone]
         if not adapters:
             return None
         if len(adapters) > 1:

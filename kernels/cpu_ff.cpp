@@ -842,13 +842,8 @@ at::Tensor cats_threshold_cpu(const at::Tensor& gate, const at::Tensor& token_ma
           const auto positions = sample_positions(u, count, width, sample);
           const int32_t* token = positions->token.data();
           const int32_t* column = positions->column.data();
-          if (pos.back() == count - 1) {  // no padding: token t is at position t
-            for (int64_t j = 0; j < sample; ++j)
-              values[j] = std::fabs(static_cast<float>(row[token[j] * width + column[j]]));
-          } else {
-            for (int64_t j = 0; j < sample; ++j)
-              values[j] = std::fabs(static_cast<float>(row[pos[token[j]] * width + column[j]]));
-          }
+          for (int64_t j = 0; j < sample; ++j)
+            values[j] = std::fabs(static_cast<float>(row[pos[token[j]] * width + column[j]]));
         } else {
           values.resize(count * width);
           for (int64_t t = 0; t < count; ++t)

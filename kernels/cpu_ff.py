@@ -394,12 +394,6 @@ def griffin_ff_cpu(
 # ---- prompt statistics: one op per layer and prefill ----
 
 
-def statistics_op_applies(values: torch.Tensor) -> bool:
-    """Whether ``cats_threshold``/``griffin_select`` compute the statistics of ``values (B, S, F)``: on a CPU, in a
-    dtype the ops take, the ops built (``CAPRESE_CPU_KERNELS=0`` keeps them off)."""
-    return values.device.type == "cpu" and values.dtype in SUPPORTED_DTYPES and load_extension()
-
-
 def cats_threshold(
     gate: torch.Tensor, token_mask: torch.Tensor, density: float, sample: int | None, draws: torch.Tensor
 ) -> torch.Tensor:

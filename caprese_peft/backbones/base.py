@@ -278,7 +278,8 @@ def statistics_op(values: torch.Tensor) -> Any:
                 from ..kernels import cpu_ff
             except ImportError:  # the kernels package needs triton, which ships for Linux
                 cpu_ff = None
-            ops = cpu_ff if cpu_ff is not None and cpu_ff.statistics_op_applies(values) else None
+            # CAPRESE_CPU_KERNELS=0 or a failed build: available() is False
+            ops = cpu_ff if cpu_ff is not None and key[1] in cpu_ff.SUPPORTED_DTYPES and cpu_ff.available() else None
         _STATISTICS_OPS[key] = ops
     return _STATISTICS_OPS[key]
 
