@@ -15,7 +15,10 @@ machine (TTNT: the median ms per token). Reported with the weight bytes a step r
 machine's read bandwidth (the best of sums over 512 MiB measured in the run) and whether the greedy tokens equal
 the torch eager step's. Each mode's best form is compared with dense's best form. TTFT: FastDecoder's default form
 of every mode prefills the same prompts in ``--ttft-rounds`` interleaved rounds (each prefill waiting for an
-otherwise idle machine), the median per mode, so that a slower spell of the machine hits every mode alike.
+otherwise idle machine), the median per mode, so that a slower spell of the machine hits every mode alike; the
+decode step right after each of those prefills is timed too (``first_step_ms``: it includes the work FastDecoder
+defers past the first token, GRIFFIN's packing of its kept rows). ``generation_speed_up``: dense's time for a whole
+``--tokens``-token generation (TTFT, first step, then TTNT per token) over the mode's.
 
     python benchmarks/cpu_decode.py [--batches 1 4] [--threads 2]
 
@@ -101,6 +104,7 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=6, help="tokens per timed block")
     parser.add_argument("--ttft-rounds", type=int, default=15, help="interleaved prefills per mode for TTFT")
     parser.add_argument("--max-wait", type=float, default=5.0)
+    parser.add_argument("--tokens", type=int, default=256, help="generation length of generation_speed_up")
     parser.add_argument("--output", type=Path, default=RESULTS / "cpu_decode.json")
     args = parser.parse_args()
 
@@ -113,14 +117,26 @@ def main() -> None:
     bandwidth = [read_bandwidth_gbps(512)]
     rows, loads = [], []
     steps = 1 + args.rounds * args.block + 2
-    first_token = {}  # batch -> mode -> TTFT ms of the interleaved prefills
+    first_token, first_step = {}, {}  # batch -> mode -> ms of the interleaved prefills, of the step after each
     for batch in args.batches:
         inputs, _ = chat_inputs(tokenizer, prompts[:batch], "cpu")
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         max_seq_len = ids.shape[1] + steps + 1
         modes = ["dense", *(m for m in args.modes if m != "dense")]
-        first_token[batch] = interleaved_ttft(models, modes, ids, mask, args.ttft_rounds, args.max_wait, loads)
-        print(json.dumps({"batch": batch, "prompt_tokens": ids.shape[1], "ttft_ms": first_token[batch]}), flush=True)
+        first_token[batch], first_step[batch] = interleaved_ttft(
+            models, modes, ids, mask, args.ttft_rounds, args.max_wait, loads
+        )
+        print(
+            json.dumps(
+                {
+                    "batch": batch,
+                    "prompt_tokens": ids.shape[1],
+                    "ttft_ms": first_token[batch],
+                    "first_step_ms": first_step[batch],
+                }
+            ),
+            flush=True,
+        )
         for mode in args.modes:
             model, fast_mode = models[mode]
             forms = [f for f in args.forms if mode not in OPS_ONLY or FORMS[f][0].get("use_kernels", True)]
@@ -174,7 +190,7 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             del decoders
-    summary = summarize(rows, args.batches, first_token)
+    summary = summarize(rows, args.batches, first_token, first_step, args.tokens)
     result = {
         **run_metadata("cpu"),
         "cpu_model": cpu_model(),
@@ -194,26 +210,34 @@ def main() -> None:
 
 def interleaved_ttft(
     models: dict, modes: list[str], ids: torch.Tensor, mask: torch.Tensor, rounds: int, max_wait: float, loads: list
-) -> dict[str, float]:
-    """Median ms of FastDecoder's prefill (its default form) per mode, over ``rounds`` rounds that visit every mode
-    in turn: the first prefill of each mode warms it up and is not counted."""
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median ms of FastDecoder's prefill (its default form) per mode, and of the decode step right after it, over
+    ``rounds`` rounds that visit every mode in turn: the first round of each mode warms it up (and compiles its step)
+    and is not counted."""
     decoders = {mode: FastDecoder(models[mode][0], mode=models[mode][1]) for mode in modes}
-    times = {mode: [] for mode in modes}
+    prefill, step = {mode: [] for mode in modes}, {mode: [] for mode in modes}
     with torch.no_grad():
         for fast in decoders.values():
-            fast.prefill(ids, mask)
+            fast.decode_greedy(fast.prefill(ids, mask, max_new_tokens=2).argmax(-1))
         for _ in range(rounds):
             for mode, fast in decoders.items():
                 loads.append(wait_quiet(max_wait))
                 start = time.perf_counter()
-                fast.prefill(ids, mask)
-                times[mode].append(time.perf_counter() - start)
-    return {mode: round(statistics.median(t) * 1e3, 1) for mode, t in times.items()}
+                tokens = fast.prefill(ids, mask, max_new_tokens=2).argmax(-1)
+                middle = time.perf_counter()
+                fast.decode_greedy(tokens)
+                prefill[mode].append(middle - start)
+                step[mode].append(time.perf_counter() - middle)
+    median = lambda times: {mode: round(statistics.median(t) * 1e3, 1) for mode, t in times.items()}  # noqa: E731
+    return median(prefill), median(step)
 
 
-def summarize(rows: list[dict], batches: list[int], ttft: dict[int, dict[str, float]]) -> dict:
-    """Each mode's best form against dense's best form, per batch size: TTNT, speed-up; TTFT from the interleaved
-    prefills of every mode's default form."""
+def summarize(
+    rows: list[dict], batches: list[int], ttft: dict[int, dict[str, float]], first_step: dict, tokens: int
+) -> dict:
+    """Each mode's best form against dense's best form, per batch size: TTNT, speed-up; TTFT and the first decode
+    step from the interleaved prefills of every mode's default form; the speed-up of a whole ``tokens``-token
+    generation."""
     best, lines = {}, []
     for batch in batches:
         for mode in MODES:
@@ -226,13 +250,20 @@ def summarize(rows: list[dict], batches: list[int], ttft: dict[int, dict[str, fl
             if row is None or dense is None:
                 continue
             first, first_dense = ttft[batch][mode], ttft[batch]["dense"]
+            step, step_dense = first_step[batch][mode], first_step[batch]["dense"]
+            whole = first + step + (tokens - 2) * row["ttnt_ms"]
+            whole_dense = first_dense + step_dense + (tokens - 2) * dense["ttnt_ms"]
+            row["generation_speed_up"] = round(whole_dense / whole, 3)
             lines.append(
                 f"batch {batch} {mode:<12} best {row['form']:<16} TTNT {row['ttnt_ms']:6.2f} ms ({row['x_floor']:.2f}x floor)"
                 f"  speed-up {dense['ttnt_ms'] / row['ttnt_ms']:.3f}x  TTFT {first:.1f} ms ({first / first_dense:.3f}x dense)"
+                f"  first step {step:.1f} ms  {tokens} tokens {whole_dense / whole:.3f}x"
             )
     return {
         "best": {f"{m} batch {b}": r for (m, b), r in best.items()},
         "ttft_ms": {f"batch {b}": t for b, t in ttft.items()},
+        "first_step_ms": {f"batch {b}": t for b, t in first_step.items()},
+        "generation_tokens": tokens,
         "lines": lines,
     }
 

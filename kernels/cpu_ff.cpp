@@ -467,13 +467,14 @@ struct FFArgs {
   const float* x;  // (B, D) fp32
   int64_t batch, hidden, ff_size, n_neurons;
   const float* threshold;  // (B,) or null
-  const uint8_t* keep;     // (B, F) or null
+  const uint8_t* keep;     // (B, keep_stride) or null; ff_size may stop short of keep_stride (see gated_ff_cpu)
   Activation act;
   // the stand-in of the neurons a row drops: 4-bit up and down rows (F, D / 2) and their scales (2, F): up's,
   // then down's; with keep (GRIFFIN), 4-bit gate rows too and scales (3, F): up's, down's, gate's, since the
   // stand-in computes a pruned neuron's gate from its 4-bit row. Null without one.
   const uint8_t *stand_up, *stand_down, *stand_gate;
   const float* stand_scale;
+  int64_t keep_stride;  // the keep mask's row length: the block's F
 };
 
 // values rounded to T and back (bf16, fp16): what a torch op producing a T tensor stores
@@ -516,7 +517,7 @@ void gated_ff_range(const FFArgs& a, const Rows<T>& w, int64_t begin, int64_t en
     int64_t n_gated = 0;
     for (int64_t i = t0; i < ff_end; ++i) {
       bool any = a.keep == nullptr;
-      for (int b = 0; !any && b < B; ++b) any = a.keep[b * a.ff_size + i] != 0;
+      for (int b = 0; !any && b < B; ++b) any = a.keep[b * a.keep_stride + i] != 0;
       if (any) {
         gated[n_gated] = i;
         rows[n_gated++] = gate + i * D;
@@ -534,7 +535,7 @@ void gated_ff_range(const FFArgs& a, const Rows<T>& w, int64_t begin, int64_t en
       for (int b = 0; b < B; ++b) {
         bool kept = true;
         if (a.threshold != nullptr) kept = std::fabs(c[b]) > a.threshold[b];
-        if (a.keep != nullptr) kept = a.keep[b * a.ff_size + i] != 0;
+        if (a.keep != nullptr) kept = a.keep[b * a.keep_stride + i] != 0;
         stand_coef[n_stand * B + b] = kept ? 0.0f : c[b];
         any_dropped = any_dropped || (!kept && c[b] != 0.0f && a.keep == nullptr);  // GRIFFIN: below
         c[b] = kept ? c[b] : 0.0f;
@@ -576,7 +577,7 @@ void gated_ff_range(const FFArgs& a, const Rows<T>& w, int64_t begin, int64_t en
       for (int64_t i = t0; i < ff_end; ++i) {
         bool any_pruned = false;
         for (int b = 0; b < B; ++b) {
-          const bool pruned = a.keep[b * a.ff_size + i] == 0;
+          const bool pruned = a.keep[b * a.keep_stride + i] == 0;
           stand_coef[n_stand * B + b] = pruned ? 1.0f : 0.0f;
           any_pruned = any_pruned || pruned;
         }
@@ -693,23 +694,36 @@ at::Tensor gated_ff_cpu(const at::Tensor& x, const at::Tensor& gate, const at::T
   const Activation act = parse_activation(activation);
   for (int64_t b0 = 0; b0 < batch; b0 += kMaxBatch) {
     const int64_t rows = std::min(kMaxBatch, batch - b0);
+    // neurons past the last one some row keeps are never read (without a stand-in, which computes pruned ones):
+    // the threads split only the rest, so that a block whose kept rows come first (GRIFFIN's packed rows, unused
+    // capacity after them) is split evenly
+    int64_t live = ff_size;
+    if (kp.defined() && !has_stand) {
+      const uint8_t* k = kp.data_ptr<uint8_t>() + b0 * ff_size;
+      for (live = ff_size; live > 0; --live) {
+        bool any = false;
+        for (int64_t b = 0; b < rows && !any; ++b) any = k[b * ff_size + live - 1] != 0;
+        if (any) break;
+      }
+    }
     FFArgs a{xf.data_ptr<float>() + b0 * hidden,
              rows,
              hidden,
-             ff_size,
-             ff_size + rank,
+             live,
+             live + rank,
              thr.defined() ? thr.data_ptr<float>() + b0 : nullptr,
              kp.defined() ? kp.data_ptr<uint8_t>() + b0 * ff_size : nullptr,
              act,
              has_stand ? stand_up->data_ptr<uint8_t>() : nullptr,
              has_stand ? stand_down->data_ptr<uint8_t>() : nullptr,
              stand_gate.has_value() ? stand_gate->data_ptr<uint8_t>() : nullptr,
-             has_stand ? stand_scale->data_ptr<float>() : nullptr};
+             has_stand ? stand_scale->data_ptr<float>() : nullptr,
+             ff_size};
     float* o = out.data_ptr<float>() + b0 * hidden;
     with_dtype(x.scalar_type(), [&](auto* tag) {
       using scalar_t = std::remove_pointer_t<decltype(tag)>;
       const Rows<scalar_t> w{gate.data_ptr<scalar_t>(),   up.data_ptr<scalar_t>(),       low_up.data_ptr<scalar_t>(),
-                             down_t.data_ptr<scalar_t>(), low_down.data_ptr<scalar_t>(), ff_size,
+                             down_t.data_ptr<scalar_t>(), low_down.data_ptr<scalar_t>(), live,
                              hidden};
       with_batch(rows, [&](auto r) { gated_ff_tile<decltype(r)::value>(a, w, o); });
     });

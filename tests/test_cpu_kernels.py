@@ -222,6 +222,32 @@ def test_griffin_reads_the_union_s_rows_only_and_masks_per_sequence(dtype):
 
 
 @requires_op
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_griffin_on_packed_rows_is_griffin_on_the_whole_block(dtype, batch):
+    """FastDecoder's layout: the union's rows first (in neuron order), spare rows after them that no sequence keeps
+    and no step reads (nan here)."""
+    x, weights = make_problem(batch, dtype, seed=60 + batch)
+    keep = griffin_keep(batch, FF, 37, seed=60 + batch)
+    union = keep.any(0).nonzero()[:, 0]
+    prepared = prepare_cats_weights(*weights)
+    spare = 23
+    packed = []
+    for rows in (prepared.gate, prepared.up, prepared.down_t):
+        packed.append(torch.cat([rows[union], torch.full((spare, D), float("nan"), dtype=dtype)]))
+    mask = torch.zeros(batch, union.numel() + spare, dtype=torch.uint8)
+    mask[:, : union.numel()] = keep[:, union]
+    gate, up, down_t = packed
+    out = torch.ops.caprese_cpu.gated_ff(x, gate, up, prepared.low_up, down_t, prepared.low_down, None, mask, "silu")
+    assert_close(out, griffin_spec(x, weights, keep, F.silu), dtype)
+    # no neuron kept at all: only x @ L @ R
+    out = torch.ops.caprese_cpu.gated_ff(
+        x, gate, up, prepared.low_up, down_t, prepared.low_down, None, torch.zeros_like(mask), "silu"
+    )
+    assert_close(out, (x.float() @ weights[3].float()) @ weights[4].float(), dtype)
+
+
+@requires_op
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dense_ff_matches_the_mlp(dtype, batch):

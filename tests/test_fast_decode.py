@@ -323,6 +323,38 @@ def test_int4_stand_in_decodes_through_the_cpu_op(backbone):
                            fast["caprese"])  # fmt: skip
 
 
+@pytest.mark.skipif(not cpu_ops_available(), reason="the C++ CPU ops could not be built here")
+def test_griffin_packs_its_kept_rows_after_the_prefill_s_token():
+    """The prefill only takes the selection; the first decode step packs the union's rows, in neuron order, and
+    a later prompt batch repacks them into the same buffers."""
+    model = build("llama", dict(backbone="griffin", density=0.5, layers_to_transform=[0, 1]))
+    decoder = eager_decoder(model)
+    addresses = None
+    for seed, lengths in enumerate(([7, 3], [4, 9])):
+        ids, mask = random_prompts(lengths, seed=seed)
+        want = reference_generate(model, "caprese", ids, mask, new_tokens=3)
+        tokens = decoder.prefill(ids, mask, max_new_tokens=3).argmax(-1)
+        ff = decoder.lean.layers[0].ff
+        assert decoder.lean.load_pending and ff.packs
+        if addresses is None:
+            assert ff.packed_gate is None  # nothing packed before the first decode step
+        generated = [tokens]
+        for _ in range(2):
+            generated.append(decoder.decode_greedy(generated[-1]))
+        assert not decoder.lean.load_pending
+        assert torch.equal(torch.stack(generated, 1), want[:, ids.shape[1] :])
+        keep = decoder.layers[0]._stats.keep.reshape(2, -1)
+        union = keep.any(0).nonzero()[:, 0]
+        n = union.numel()
+        assert ff.packed_gate.shape[0] == min(keep.shape[1], 2 * ff.kept) >= n
+        for packed, rows in ((ff.packed_gate, ff.gate), (ff.packed_up, ff.up), (ff.packed_down_t, ff.down_t)):
+            assert torch.equal(packed[:n], rows[union])
+        assert torch.equal(ff.keep[:, :n].bool(), keep[:, union]) and not ff.keep[:, n:].any()
+        now = [t.data_ptr() for t in (ff.packed_gate, ff.packed_up, ff.packed_down_t, ff.keep)]
+        assert addresses is None or now == addresses  # in place: a compiled step's inputs stay where they were
+        addresses = now
+
+
 def test_a_stored_buffer_never_shares_memory_with_the_statistics():
     from torch import nn
 

@@ -45,7 +45,8 @@ class GriffinDecoder(SparseDecoder):
     """GRIFFIN decodes on each prompt batch's kept rows with ``L``, ``R`` (appendix D).
 
     On a CPU with the C++ ops (``caprese_peft.kernels.cpu_ff``): the rows of the union of the batch's kept neurons,
-    read in place once for all sequences, each using only its own (the weights laid out once as for CATS). Elsewhere
+    read in place once for all sequences, each using only its own (the weights laid out once as for CATS;
+    ``FastDecoder`` packs the union's rows per prompt batch instead: ``fast_decode.lean.GriffinFF``). Elsewhere
     (CUDA): each sequence's own pruned copy, gathered per prompt, which ``decode_impl="auto"`` takes while batch x
     density < 1; past that the copies read more bytes than the shared full weights the reference reads.
     """

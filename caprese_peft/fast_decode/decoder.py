@@ -2,7 +2,8 @@
 
 ``FastDecoder`` follows gpt-fast's ``generate.py``: ``prefill`` runs the transformers (PEFT) model on the prompt,
 which yields the KV cache and, through the generation-state hook, each Caprese layer's backbone statistics;
-the cache is copied into static buffers and the sparse FF weights of this prompt batch are materialised; then
+the cache is copied into static buffers; the sparse FF weights of this prompt batch are materialised before the
+first decode step (after the prefill's token, so that time to first token does not include them); then
 ``decode_one_token`` runs the lean step of ``lean.py``, compiled with ``torch.compile(mode="reduce-overhead")``
 (CUDA graphs) on CUDA and eagerly on a CPU. It computes what ``model.generate(..., do_sample=False)`` computes, in
 another order: the dense model gives the same tokens; a sparse backbone thresholds activations, so a rounding
@@ -230,7 +231,8 @@ class FastDecoder:
         if self.mode != "dense":
             self._check_statistics()
         self._build(batch, max_seq_len)
-        self.lean.load_prompt(cache, attention_mask)
+        # GRIFFIN's packing of kept rows waits for the first decode step: the prefill's token is out by then
+        self.lean.load_prompt(cache, attention_mask, defer=True)
         self._slot = torch.full((1,), width, device=self.device, dtype=torch.long)
         self._slot_host = width  # the same, on the host: checking it needs no device sync
         self._positions = attention_mask.sum(-1)  # (B,) the next token follows the real ones
@@ -264,6 +266,8 @@ class FastDecoder:
         slot = int(self._slot_host)
         if slot >= self.lean.max_seq_len:
             raise ValueError(f"The static cache holds {self.lean.max_seq_len} positions and is full.")
+        if self.lean.load_pending:
+            self.lean.finish_load()
         if self.compile == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
         logits, next_tokens = self._step(self.lean, tokens, self._slot, self._positions)

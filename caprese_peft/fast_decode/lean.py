@@ -157,14 +157,18 @@ class DenseFF(nn.Module):
 class GriffinFF(nn.Module):
     """GRIFFIN (+ low rank) on this prompt batch's kept rows (appendix D).
 
-    On a CPU with the C++ ops: ``caprese_cpu::gated_ff`` with each sequence's keep mask over the whole block, laid
-    out once (``CatsFFWeights``): the rows of the union of the kept neurons are read once for all sequences, in
-    place, and no other row. Elsewhere: per-sequence merged weights, gate and up fused, two batched GEMVs;
-    ``load`` materialises them for each prompt batch into static buffers (``caprese_peft.sparse_ff.griffin_fused_ff``,
-    whose reference is ``griffin_merged_ff``).
+    On a CPU with the C++ ops: ``caprese_cpu::gated_ff`` with each sequence's keep mask. ``pack`` gathers the gate,
+    up and down rows of the union of the batch's kept neurons into contiguous buffers (``min(F, B k)`` rows, the
+    union first, in neuron order), which each step reads once for all sequences at the speed of a dense block
+    (benchmarks/griffin_rows.py: rows read where they lie, scattered, go about 25% slower). With the 4-bit
+    stand-in of pruned neurons the rows are read in place over the whole block instead. Elsewhere: per-sequence
+    merged weights, gate and up fused, two batched GEMVs (``caprese_peft.sparse_ff.griffin_fused_ff``, whose
+    reference is ``griffin_merged_ff``). Either way ``load`` takes the prompt batch's selection and ``pack``
+    materialises the weights the step reads into static buffers.
     """
 
     STAND_IN = ("stand_up", "stand_down", "stand_scale", "stand_gate")  # StandIn4's op arguments, in order
+    PACKED = ("packed_gate", "packed_up", "packed_down_t")  # the union's rows of gate, up and down_t
 
     def __init__(self, decoder: Any, low_rank: bool, cpu_ops: bool = False, stand_in: bool = False) -> None:
         super().__init__()
@@ -176,10 +180,13 @@ class GriffinFF(nn.Module):
         self.stand_in = stand_in  # the 4-bit stand-in of pruned neurons (CPU op only)
         if stand_in and self.activation is None:
             raise ValueError("The 4-bit stand-in of pruned GRIFFIN neurons decodes through the C++ CPU op only.")
+        self._selection: Any = None  # the prompt batch's statistics, between load and pack
         if self.activation is not None:
             for name, tensor in zip(CPU_WEIGHTS, decoder.build(None, low_rank, union=True).op_args()):
                 self.register_buffer(name, tensor, persistent=False)
-            self.register_buffer("keep", None, persistent=False)  # (B, F) uint8
+            self.register_buffer("keep", None, persistent=False)  # (B, F) uint8; packed: (B, min(F, B k))
+            for name in self.PACKED:
+                self.register_buffer(name, None, persistent=False)
             if stand_in:
                 for name, tensor in zip(self.STAND_IN, decoder.stand_in().op_args()):
                     self.register_buffer(name, _static(tensor), persistent=False)
@@ -187,22 +194,51 @@ class GriffinFF(nn.Module):
         self.register_buffer("gate_up", None, persistent=False)  # (B, 2k + r, D): Wg rows, W1 rows, L^T
         self.register_buffer("down", None, persistent=False)  # (B, D, k + r): W2 columns, R^T
 
+    @property
+    def packs(self) -> bool:
+        """Whether the C++ op reads packed copies of the kept rows (rather than the block in place)."""
+        return self.activation is not None and not self.stand_in
+
     def load(self) -> None:
-        """Take this prompt batch's selection from the layer's statistics, in place where shapes allow."""
-        stats = self.decoder.layer._stats
+        """Take this prompt batch's selection from the layer's statistics; ``pack`` builds what the step reads."""
+        self._selection = self.decoder.layer._stats
+
+    def pack(self) -> None:
+        """Materialise the weights this prompt batch's steps read, in place where shapes allow: the most expensive
+        part of preparing a prompt (one read and one write of the kept rows), so ``LeanDecoder`` can defer it."""
+        stats, self._selection = self._selection, None
+        if stats is None:
+            return
         with torch.no_grad():
-            if self.activation is not None:
-                _store(self, "keep", stats.keep.reshape(stats.keep.shape[0], -1), torch.uint8)
-                self.kept = kept_count(self.decoder.backbone.density, self.gate.shape[0])
+            if self.activation is None:
+                merged = self.decoder.build(stats, self.low_rank)
+                self.kept = merged.gate.shape[1]
+                _store(self, "gate_up", torch.cat([merged.gate, merged.up], dim=1))  # (B, 2k + r, D)
+                _store(self, "down", merged.down)  # (B, D, k + r)
                 return
-            merged = self.decoder.build(stats, self.low_rank)
-            self.kept = merged.gate.shape[1]
-            _store(self, "gate_up", torch.cat([merged.gate, merged.up], dim=1))  # (B, 2k + r, D)
-            _store(self, "down", merged.down)  # (B, D, k + r)
+            keep = stats.keep.reshape(stats.keep.shape[0], -1)  # (B, F) bool
+            self.kept = kept_count(self.decoder.backbone.density, self.gate.shape[0])
+            if not self.packs:
+                _store(self, "keep", keep, torch.uint8)
+                return
+            union = keep.any(dim=0).nonzero()[:, 0]  # ascending neuron ids
+            capacity = min(self.gate.shape[0], keep.shape[0] * self.kept)  # the most a union can hold
+            for name, rows in zip(self.PACKED, (self.gate, self.up, self.down_t)):
+                packed = getattr(self, name)
+                if packed is None or packed.shape[0] != capacity:
+                    # zeros after the union: never read (their keep is 0), but never uninitialised memory either
+                    packed = _static(rows.new_zeros(capacity, rows.shape[1]))
+                    setattr(self, name, packed)
+                torch.index_select(rows, 0, union, out=packed[: union.numel()])
+            mask = torch.zeros(keep.shape[0], capacity, dtype=torch.uint8, device=keep.device)
+            mask[:, : union.numel()] = keep[:, union]
+            _store(self, "keep", mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation is not None:
             weights = [getattr(self, name) for name in CPU_WEIGHTS]
+            if self.packs:
+                weights[0], weights[1], weights[3] = (getattr(self, name) for name in self.PACKED)
             stand_in = [getattr(self, name) for name in self.STAND_IN] if self.stand_in else [None] * 4
             out = torch.ops.caprese_cpu.gated_ff(x[:, 0], *weights, None, self.keep, self.activation, *stand_in)
             return out[:, None]
@@ -212,7 +248,7 @@ class GriffinFF(nn.Module):
         """Bytes a step reads: each sequence its own pruned copy; with the CPU op, the union's rows once."""
         if self.activation is None:
             return self.gate_up.nbytes + self.down.nbytes
-        union = int(self.keep.any(dim=0).sum()) if self.keep is not None else self.kept
+        union = int(self.keep.any(dim=0).sum()) if self.keep is not None else self.kept  # packed or not
         row = self.gate.nbytes // self.gate.shape[0]  # one row of one matrix
         kept = 3 * union * row + self.low_up.nbytes + self.low_down.nbytes
         if not self.stand_in:
@@ -400,6 +436,7 @@ class LeanDecoder(nn.Module):
         for name in ("cos", "sin", "prompt_visible", "prompt_width", "key_slots"):
             self.register_buffer(name, None, persistent=False)
         self.batch_size = self.max_seq_len = 0
+        self.load_pending = False  # load_prompt(..., defer=True) ran and finish_load has not
         # the C++ GEMV of caprese_peft.kernels.cpu_ff for q/k/v, o and the lm_head (on a CPU)
         self.cpu_gemv = cpu_gemv
         for layer in self.layers:
@@ -423,8 +460,13 @@ class LeanDecoder(nn.Module):
             layer.attn.allocate(batch, max_seq_len)
         self.batch_size, self.max_seq_len = batch, max_seq_len
 
-    def load_prompt(self, cache: Any, attention_mask: torch.Tensor) -> None:
-        """Copy the prefill's KV cache into the static buffers and load the FF blocks for this prompt batch."""
+    def load_prompt(self, cache: Any, attention_mask: torch.Tensor, *, defer: bool = False) -> None:
+        """Copy the prefill's KV cache into the static buffers and load the FF blocks for this prompt batch.
+
+        ``defer=True`` leaves the FF blocks' packing of their weights (GRIFFIN's kept rows: on SmolLM2 about as long
+        as a tenth of the prefill) to ``finish_load``, which must run before the next step: a caller that hands out
+        the prefill's token first keeps it out of the time to first token.
+        """
         batch, width = attention_mask.shape
         if batch != self.batch_size or width >= self.max_seq_len:
             raise ValueError(
@@ -441,6 +483,16 @@ class LeanDecoder(nn.Module):
             self.prompt_visible.zero_()
             self.prompt_visible[:, :width].copy_(attention_mask.bool())
             self.prompt_width.fill_(width)
+        self.load_pending = True
+        if not defer:
+            self.finish_load()
+
+    def finish_load(self) -> None:
+        """What ``load_prompt(..., defer=True)`` left: the FF blocks' packed weights for this prompt batch."""
+        for layer in self.layers:
+            if hasattr(layer.ff, "pack"):
+                layer.ff.pack()
+        self.load_pending = False
 
     def forward(self, tokens: torch.Tensor, slot: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, V)`` in fp32 of one token per sequence: ``tokens (B,)`` written at cache ``slot (1,)``.
