@@ -358,6 +358,7 @@ class Attention(nn.Module):
         self.register_buffer("k_norm", None if k_norm is None else k_norm.weight.detach(), persistent=False)
         self.qk_eps = 0.0 if q_norm is None else q_norm.variance_epsilon
         self.cpu_gemv = False  # set by LeanDecoder
+        self.fuse_attention = True  # compiled on a CPU: attention's products as sums inductor fuses
         self.register_buffer("k_cache", None, persistent=False)  # (B, Hkv, S, hd)
         self.register_buffer("v_cache", None, persistent=False)
 
@@ -384,11 +385,20 @@ class Attention(nn.Module):
         # query heads grouped by the key/value head they share (transformers' repeat_kv order), so the cache is
         # read once per KV head rather than copied per query head
         q = q.reshape(batch, self.kv_heads, self.heads // self.kv_heads, self.head_dim)  # (B, Hkv, G, hd)
-        scores = torch.matmul(q, self.k_cache.transpose(2, 3)) * self.scaling  # (B, Hkv, G, S)
-        scores = scores.masked_fill(~visible, float("-inf"))
+        # compiled for a CPU, the two products as broadcast sums: inductor fuses each into one loop over the cache,
+        # where a batched matmul per layer and product costs ~45 us of library dispatch for a few KFLOPs
+        fused = self.fuse_attention and x.device.type == "cpu" and torch.compiler.is_compiling()
+        if fused:
+            scores = (q[:, :, :, None] * self.k_cache[:, :, None]).sum(-1)  # (B, Hkv, G, S)
+        else:
+            scores = torch.matmul(q, self.k_cache.transpose(2, 3))
+        scores = (scores * self.scaling).masked_fill(~visible, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(probs, self.v_cache).reshape(batch, 1, self.heads * self.head_dim)
-        return gemv(out, self.o, self.o_bias, self.cpu_gemv)
+        if fused:
+            out = (probs[..., None] * self.v_cache[:, :, None]).sum(-2)  # (B, Hkv, G, hd)
+        else:
+            out = torch.matmul(probs, self.v_cache)
+        return gemv(out.reshape(batch, 1, self.heads * self.head_dim), self.o, self.o_bias, self.cpu_gemv)
 
     def weight_bytes(self) -> int:
         return self.qkv.nbytes + self.o.nbytes
