@@ -76,7 +76,9 @@ class FastDecoder:
     SmolLM2, the same code; False compiles the unrolled step; None: True on CUDA, False on a CPU.
 
     The lean step copies the q/k/v and gate/up weights it fuses (and CATS layers' up/down weights), so it holds
-    roughly the attention and FF weights once more; build it after the model is on its device and in eval mode.
+    roughly the attention and FF weights once more; GRIFFIN layers on a CPU also hold their prompt batch's kept
+    rows packed (``min(F, B k)`` rows of gate, up and down per layer: half the FF weights at batch 1 and density
+    0.5), packed before the first decode step. Build it after the model is on its device and in eval mode.
     GRIFFIN reselection is not supported: use ``model.generate`` for adapters with ``reselect_every``.
     """
 
