@@ -10,8 +10,9 @@ the values of L and R) and each batch size, FastDecoders are built in every form
   ``ops-cpp-wrapper``: ``ops-compiled`` with inductor's ``cpp_wrapper`` (C++ instead of Python between kernels).
 
 All are prefilled with the same GSM8K dev prompts; decode steps are timed in blocks of
-``--block`` tokens, the forms' blocks interleaved over ``--rounds`` rounds, each block waiting for an otherwise idle
-machine (TTNT: the median ms per token). Reported with the weight bytes a step reads, GB/s, the bytes floor at the
+``--block`` tokens, the blocks of every mode and form interleaved over ``--rounds`` rounds (so that a slower spell of
+the machine hits every variant alike), each block waiting for an otherwise idle machine (TTNT: the median ms per
+token). Reported with the weight bytes a step reads, GB/s, the bytes floor at the
 machine's read bandwidth (the best of sums over 512 MiB measured in the run) and whether the greedy tokens equal
 the torch eager step's. Each mode's best form is compared with dense's best form. TTFT: FastDecoder's default form
 of every mode prefills the same prompts in ``--ttft-rounds`` interleaved rounds (each prefill waiting for an
@@ -137,59 +138,63 @@ def main() -> None:
             ),
             flush=True,
         )
-        for mode in args.modes:
-            model, fast_mode = models[mode]
-            forms = [f for f in args.forms if mode not in OPS_ONLY or FORMS[f][0].get("use_kernels", True)]
-            decoders = {form: decoder(model, fast_mode, form, max_seq_len) for form in forms}
-            tokens, generated, ttft = {}, {form: [] for form in forms}, {form: [] for form in forms}
-            with torch.no_grad():
-                for form, fast in decoders.items():
-                    for _ in range(3):  # TTFT: the median of three prefills, the first also warming up
-                        loads.append(wait_quiet(args.max_wait))
-                        start = time.perf_counter()
-                        tokens[form] = fast.prefill(ids, mask).argmax(-1)
-                        ttft[form].append(time.perf_counter() - start)
-                    tokens[form] = fast.decode_greedy(tokens[form])  # warm-up, and the compile
-                    generated[form].append(tokens[form])
-                times = {form: [] for form in forms}
-                for _ in range(args.rounds):
-                    for form in forms:
-                        loads.append(wait_quiet(args.max_wait))
-                        fast = decoders[form]
-                        start = time.perf_counter()
-                        for _ in range(args.block):
-                            tokens[form] = fast.decode_greedy(tokens[form])
-                            generated[form].append(tokens[form])
-                        tokens[form] = tokens[form].clone()
-                        times[form].append((time.perf_counter() - start) / args.block)
-            bandwidth.append(read_bandwidth_gbps(512))
-            best_bandwidth = max(bandwidth)  # other processes only ever lower a measurement
-            reference = torch.stack(generated[forms[0]], 1)
-            for form, fast in decoders.items():
-                ms = statistics.median(times[form]) * 1e3
-                weight_bytes = fast.lean.weight_bytes()
-                floor = weight_bytes / (best_bandwidth * 1e9) * 1e3
-                row = {
-                    "mode": mode,
-                    "batch": batch,
-                    "form": form,
-                    "ttft_ms": round(statistics.median(ttft[form]) * 1e3, 1),
-                    "ttnt_ms": round(ms, 2),
-                    "ttnt_ms_min": round(min(times[form]) * 1e3, 2),
-                    "weight_mb": round(weight_bytes / 1e6, 1),
-                    "gb_per_s": round(weight_bytes / ms / 1e6, 1),
-                    "floor_ms": round(floor, 2),
-                    "x_floor": round(ms / floor, 2),
-                    f"rows_identical_to_{forms[0]}": torch.stack(generated[form], 1)
-                    .eq(reference)
-                    .all(1)
-                    .float()
-                    .mean()
-                    .item(),
-                }
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-            del decoders
+        # every (mode, form) built, then timed in interleaved blocks: a slower spell of the machine hits all alike
+        variants = [
+            (mode, form)
+            for mode in args.modes
+            for form in args.forms
+            if mode not in OPS_ONLY or FORMS[form][0].get("use_kernels", True)
+        ]
+        decoders = {(m, f): decoder(models[m][0], models[m][1], f, max_seq_len) for m, f in variants}
+        tokens, generated, ttft = {}, {v: [] for v in variants}, {v: [] for v in variants}
+        times = {v: [] for v in variants}
+        with torch.no_grad():
+            for variant, fast in decoders.items():
+                for _ in range(3):  # TTFT: the median of three prefills, the first also warming up
+                    loads.append(wait_quiet(args.max_wait))
+                    start = time.perf_counter()
+                    tokens[variant] = fast.prefill(ids, mask).argmax(-1)
+                    ttft[variant].append(time.perf_counter() - start)
+                tokens[variant] = fast.decode_greedy(tokens[variant])  # warm-up, and the compile
+                generated[variant].append(tokens[variant])
+            for _ in range(args.rounds):
+                for variant, fast in decoders.items():
+                    loads.append(wait_quiet(args.max_wait))
+                    start = time.perf_counter()
+                    for _ in range(args.block):
+                        tokens[variant] = fast.decode_greedy(tokens[variant])
+                        generated[variant].append(tokens[variant])
+                    tokens[variant] = tokens[variant].clone()
+                    times[variant].append((time.perf_counter() - start) / args.block)
+        bandwidth.append(read_bandwidth_gbps(512))
+        best_bandwidth = max(bandwidth)  # other processes only ever lower a measurement
+        for (mode, form), fast in decoders.items():
+            first_form = next(f for m, f in variants if m == mode)  # the reference of the mode's token check
+            reference = torch.stack(generated[(mode, first_form)], 1)
+            ms = statistics.median(times[(mode, form)]) * 1e3
+            weight_bytes = fast.lean.weight_bytes()
+            floor = weight_bytes / (best_bandwidth * 1e9) * 1e3
+            row = {
+                "mode": mode,
+                "batch": batch,
+                "form": form,
+                "ttft_ms": round(statistics.median(ttft[(mode, form)]) * 1e3, 1),
+                "ttnt_ms": round(ms, 2),
+                "ttnt_ms_min": round(min(times[(mode, form)]) * 1e3, 2),
+                "weight_mb": round(weight_bytes / 1e6, 1),
+                "gb_per_s": round(weight_bytes / ms / 1e6, 1),
+                "floor_ms": round(floor, 2),
+                "x_floor": round(ms / floor, 2),
+                f"rows_identical_to_{first_form}": torch.stack(generated[(mode, form)], 1)
+                .eq(reference)
+                .all(1)
+                .float()
+                .mean()
+                .item(),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del decoders
     summary = summarize(rows, args.batches, first_token, first_step, args.tokens)
     result = {
         **run_metadata("cpu"),
