@@ -29,7 +29,7 @@ from .lean import DenseFF, LeanDecoder, architecture_problem
 
 MODES = ("dense", "backbone", "caprese")
 # eager; inductor (faster on a CPU: docs and benchmarks/cpu_generation.py); inductor with CUDA graphs (gpt-fast's);
-# inductor with its C++ wrapper (no Python between the step's kernels: 8-15% faster per token on a CPU, but a first
+# inductor with its C++ wrapper (no Python between the step's kernels: up to 8% faster per token on a CPU, but a first
 # compile of about 1.5 minutes on 2 cores instead of seconds; benchmarks/cpu_decode.py --forms ops-cpp-wrapper)
 COMPILE_MODES = ("none", "default", "reduce-overhead", "cpp-wrapper")
 
@@ -64,8 +64,9 @@ class FastDecoder:
     active, else ``"dense"``.
     ``compile``: None picks ``"reduce-overhead"`` on CUDA and ``"default"`` on a CPU (``"none"``, eager, without
     a C++ compiler); ``"default"`` and
-    ``"reduce-overhead"`` are passed to ``torch.compile(..., fullgraph=True)``; ``"cpp-wrapper"`` compiles with
-    inductor's C++ wrapper (on a CPU 8-15% faster per token, for a first compile of minutes rather than seconds);
+    ``"reduce-overhead"`` are passed to ``torch.compile(..., fullgraph=True)`` (on a CPU ``"default"`` without
+    inductor's size asserts, which repeat the guards' checks); ``"cpp-wrapper"`` compiles with
+    inductor's C++ wrapper (on a CPU up to 8% faster per token, for a first compile of minutes rather than seconds);
     a callable wraps the step function (e.g. ``lambda f: torch.compile(f, backend="eager", fullgraph=True)``).
     ``max_seq_len`` bounds prompt plus generated tokens (default: what each ``generate`` call needs; the static
     buffers grow when a later call needs more, at the cost of one new compilation or capture).
