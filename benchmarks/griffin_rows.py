@@ -4,7 +4,8 @@ GRIFFIN keeps half the neurons of a block, scattered: the op reads each kept neu
 they lie. This keeps half the neurons in runs of 1, 2, 3, 8 and 32 adjacent ones (rank 64 low-rank rows too) and
 times the op against every neuron kept (dense), 60 layers of random weights in rotation (640 MB: no cache holds
 them), rounds interleaved, medians. A run of 3 is what one contiguous (gate, up, down) record per neuron would
-give; the gap between runs of 1 and dense is what reading in place costs over reading everything.
+give; the gap between runs of 1 and dense is what reading in place costs over reading everything. ``packed`` is
+FastDecoder's layout: the runs-of-1 half's rows gathered into contiguous buffers (``GriffinFF.pack``), all kept.
 
     python benchmarks/griffin_rows.py [--threads 2] [--rounds 7]
 
@@ -61,12 +62,19 @@ def main() -> None:
     x = torch.randn(1, HIDDEN, generator=gen)
     masks = {f"runs of {run}": keep_in_runs(run, seed=run) for run in (1, 2, 3, 8, 32)}
     masks["dense"] = None
+    # FastDecoder's layout: the scattered half's rows gathered in neuron order (GriffinFF.pack), all kept
+    scattered = masks["runs of 1"][0].nonzero()[:, 0]
+    packed_layers = [
+        (gate[scattered], up[scattered], low_up, down_t[scattered], low_down)
+        for gate, up, low_up, down_t, low_down in layers
+    ]
+    masks["packed"] = torch.ones(1, scattered.numel(), dtype=torch.uint8)
     times = {name: [] for name in masks}
     with torch.no_grad():
         for _ in range(args.rounds + 1):  # the first round warms up
             for name, keep in masks.items():
                 start = time.perf_counter()
-                for weights in layers:
+                for weights in packed_layers if name == "packed" else layers:
                     torch.ops.caprese_cpu.gated_ff(x, *weights, None, keep, "silu")
                 times[name].append((time.perf_counter() - start) / args.layers)
     rows = []

@@ -1,7 +1,8 @@
 """What a Caprese adapter adds to a prefill, on the same weights: the plain model against the same model wrapped.
 
 SmolLM2-135M, batch 1, random prompts of ``--lengths`` tokens. Each round times the plain model, then wraps it with
-Caprese(CATS 0.5) and Caprese(GRIFFIN 0.5) in turn (all layers, rank 64; one warm-up forward, then two timed ones;
+Caprese(CATS 0.5) and Caprese(GRIFFIN 0.5), each with and without the 4-bit stand-in, in turn (all layers, rank 64;
+one warm-up forward, then two timed ones;
 GRIFFIN's wrapper also with its adapter disabled) and unwraps it again, so every variant reads the very same weight
 memory: copies of a model can differ by a few percent in speed by where their pages lie. Medians over ``--rounds``.
 
@@ -30,6 +31,13 @@ from benchmarks.bench_cpu import cpu_model  # noqa: E402
 from benchmarks.common import RESULTS, run_metadata, write_result  # noqa: E402
 from caprese_peft import CapreseConfig  # noqa: E402
 
+VARIANTS = {  # name: adapter options besides density 0.5 and rank 64
+    "cats": dict(backbone="cats"),
+    "cats-int4": dict(backbone="cats", stand_in_bits=4),
+    "griffin": dict(backbone="griffin"),
+    "griffin-int4": dict(backbone="griffin", stand_in_bits=4),
+}
+
 
 @torch.no_grad()
 def measure(base, length: int, rounds: int) -> dict:
@@ -40,15 +48,15 @@ def measure(base, length: int, rounds: int) -> dict:
         model(input_ids=ids, logits_to_keep=1)
         return time.perf_counter() - start
 
-    times = {"dense": [], "cats": [], "griffin": [], "griffin disabled": []}
+    times = {"dense": [], **{name: [] for name in VARIANTS}, "griffin disabled": []}
     timed(base)
     for _ in range(rounds):
         times["dense"].append(timed(base))
-        for backbone in ("cats", "griffin"):
-            model = get_peft_model(base, CapreseConfig(backbone=backbone, density=0.5, r=64)).eval()
+        for name, options in VARIANTS.items():
+            model = get_peft_model(base, CapreseConfig(density=0.5, r=64, **options)).eval()
             timed(model)  # warm-up
-            times[backbone] += [timed(model), timed(model)]
-            if backbone == "griffin":
+            times[name] += [timed(model), timed(model)]
+            if name == "griffin":
                 with model.disable_adapter():
                     times["griffin disabled"] += [timed(model), timed(model)]
             model.unload()
