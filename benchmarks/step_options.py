@@ -69,7 +69,7 @@ def main() -> None:
     problem = load_problems(args.data, split="dev", limit=1)[0]
     inputs, _ = chat_inputs(tokenizer, [user_message(problem["question"])], "cpu")
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    if ids.shape[1] + 2 * args.rounds * args.block // 2 + 8 > args.cache:
+    if ids.shape[1] + 2 + (args.rounds - args.rounds // 2) * args.block > args.cache:
         sys.exit(f"--cache {args.cache} is too short for a {ids.shape[1]}-token prompt and the timed tokens.")
     decoders = {name: build(model, args.cache, *options) for name, options in VARIANTS.items()}
     tokens, times = {}, {name: [] for name in decoders}
