@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, run_metadata  # noqa: E402
+from benchmarks.common import RESULTS, cpu_model, run_metadata  # noqa: E402
 from caprese_peft.kernels import prepare_cats_weights  # noqa: E402
 from caprese_peft.kernels.cpu_ff import cats_ff_cpu, griffin_ff_cpu, isa, load_extension, prepare_dense_weights  # noqa: E402
 from caprese_peft.sparse_ff import cats_merged_ff, griffin_fused_ff, griffin_merged_weights, keep_indices  # noqa: E402
@@ -68,19 +68,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 # ---- the machine ----
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def _cpu_ticks() -> tuple[int, int]:

@@ -30,8 +30,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout that is not pip
     sys.path.insert(0, str(ROOT))
 
 import caprese_peft  # noqa: E402
-from benchmarks.bench_cpu import cpu_model  # noqa: E402
-from benchmarks.common import RESULTS, run_metadata, write_result  # noqa: E402
+from benchmarks.common import RESULTS, cpu_run_metadata, write_result  # noqa: E402
 from caprese_peft.data import chat_inputs, load_problems, user_message  # noqa: E402
 from caprese_peft.kernels import prepare_cats_weights  # noqa: E402
 from caprese_peft.kernels.cpu_ff import load_extension  # noqa: E402
@@ -147,10 +146,7 @@ def main() -> None:
         }
     print(summary)
     result = {
-        **run_metadata("cpu"),
-        "cpu_model": cpu_model(),
-        "threads": torch.get_num_threads(),
-        "settings": {k: str(v) for k, v in vars(args).items()},
+        **cpu_run_metadata(args),
         "summary": summary,
         "rows": rows,
     }

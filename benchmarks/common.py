@@ -6,6 +6,7 @@ On CUDA, times come from ``triton.testing.do_bench`` (CUDA events, L2 flushed be
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -66,6 +67,28 @@ def run_metadata(device: str) -> dict:
         meta["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         meta["gpu_uuid"] = str(getattr(props, "uuid", ""))
     return meta
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_run_metadata(args: argparse.Namespace) -> dict:
+    """``run_metadata("cpu")`` with the CPU's model, torch's threads and the script's arguments: the head of every
+    CPU benchmark's result."""
+    return {
+        **run_metadata("cpu"),
+        "cpu_model": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "settings": {k: str(v) for k, v in vars(args).items()},
+    }
 
 
 def slug(text: str) -> str:

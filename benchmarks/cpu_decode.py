@@ -43,8 +43,8 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout that is not pip
     sys.path.insert(0, str(ROOT))
 
 import caprese_peft  # noqa: E402
-from benchmarks.bench_cpu import cpu_model, read_bandwidth_gbps, wait_quiet  # noqa: E402
-from benchmarks.common import RESULTS, run_metadata  # noqa: E402
+from benchmarks.bench_cpu import read_bandwidth_gbps, wait_quiet  # noqa: E402
+from benchmarks.common import RESULTS, cpu_model, run_metadata  # noqa: E402
 from caprese_peft import CapreseConfig, FastDecoder  # noqa: E402
 from caprese_peft.data import chat_inputs, load_problems, user_message  # noqa: E402
 from caprese_peft.kernels.cpu_ff import isa, load_extension  # noqa: E402

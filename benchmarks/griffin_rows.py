@@ -26,8 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_cpu import cpu_model  # noqa: E402
-from benchmarks.common import RESULTS, run_metadata, write_result  # noqa: E402
+from benchmarks.common import RESULTS, cpu_run_metadata, write_result  # noqa: E402
 from caprese_peft.kernels import prepare_cats_weights  # noqa: E402
 from caprese_peft.kernels.cpu_ff import load_extension  # noqa: E402
 
@@ -92,10 +91,7 @@ def main() -> None:
         )
         print(f"{name:<11} {us:7.1f} us  {weight_bytes / 1e6:5.2f} MB  {weight_bytes / us / 1e3:5.1f} GB/s")
     result = {
-        **run_metadata("cpu"),
-        "cpu_model": cpu_model(),
-        "threads": torch.get_num_threads(),
-        "settings": {k: str(v) for k, v in vars(args).items()},
+        **cpu_run_metadata(args),
         "rows": rows,
     }
     write_result(args.output, result)

@@ -27,8 +27,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout that is not pip
     sys.path.insert(0, str(ROOT))
 
 import caprese_peft  # noqa: E402
-from benchmarks.bench_cpu import cpu_model  # noqa: E402
-from benchmarks.common import RESULTS, run_metadata, write_result  # noqa: E402
+from benchmarks.common import RESULTS, cpu_run_metadata, write_result  # noqa: E402
 from caprese_peft import CapreseConfig  # noqa: E402
 
 VARIANTS = {  # name: adapter options besides density 0.5 and rank 64
@@ -87,10 +86,7 @@ def main() -> None:
             flush=True,
         )
     result = {
-        **run_metadata("cpu"),
-        "cpu_model": cpu_model(),
-        "threads": torch.get_num_threads(),
-        "settings": {k: str(v) for k, v in vars(args).items()},
+        **cpu_run_metadata(args),
         "results": results,
     }
     write_result(args.output, result)

@@ -27,8 +27,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout that is not pip
     sys.path.insert(0, str(ROOT))
 
 import caprese_peft  # noqa: E402
-from benchmarks.bench_cpu import cpu_model  # noqa: E402
-from benchmarks.common import RESULTS, run_metadata, write_result  # noqa: E402
+from benchmarks.common import RESULTS, cpu_run_metadata, write_result  # noqa: E402
 from caprese_peft import CapreseConfig, FastDecoder  # noqa: E402
 from caprese_peft.data import chat_inputs, load_problems, user_message  # noqa: E402
 
@@ -95,11 +94,8 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
     result = {
-        **run_metadata("cpu"),
-        "cpu_model": cpu_model(),
-        "threads": torch.get_num_threads(),
+        **cpu_run_metadata(args),
         "prompt_tokens": ids.shape[1],
-        "settings": {k: str(v) for k, v in vars(args).items()},
         "rows": rows,
     }
     write_result(args.output, result)
