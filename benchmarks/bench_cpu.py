@@ -17,14 +17,19 @@ Variants (``r`` low-rank neurons where named ``caprese``):
 ``dense_torch``       F.linear on gate|up fused, then down, as ``fast_decode.lean.DenseFF`` runs it (eager);
 ``dense_compiled``    the same under ``torch.compile`` (inductor) where ``--compile`` is given;
 ``dense_op``          ``caprese_cpu::gated_ff`` with every neuron kept (one pass: gate, up, down^T rows; the lean
-                      step on a CPU);
+                      step on a CPU), each neuron's up and down rows side by side (``CatsFFWeights.pair``);
 ``dense_linear_op``   ``caprese_cpu::linear`` for gate|up and for down (two GEMVs, the torch layout);
 ``griffin_merged``    Caprese(GRIFFIN) on per-sequence pruned copies (``griffin_fused_ff``, the lean step on a GPU);
 ``griffin_union_op``  Caprese(GRIFFIN) through ``caprese_cpu::gated_ff`` with each sequence's keep mask: the rows of
                       the union of the sequences' neurons, read in place (the lean step on a CPU);
 ``cats_torch``        Caprese(CATS) ``cats_merged_ff``: every neuron computed, then masked (the torch reference);
 ``cats_gather``       Caprese(CATS) in torch reading active rows only: index_select, then GEMVs on the copies;
-``cats_op``           Caprese(CATS) through ``caprese_cpu::gated_ff`` with the threshold (the lean step on a CPU).
+``cats_op``           Caprese(CATS) through ``caprese_cpu::gated_ff`` with the threshold (the lean step on a CPU);
+``*_op_separate``     ``dense_op``, ``griffin_union_op`` and ``cats_op`` on up and down rows held apart
+                      (``prepare_cats_weights(..., interleave=False)``: ``W1`` in place, ``W2^T`` copied).
+Every ``*_op`` variant calls ``torch.ops.caprese_cpu.gated_ff`` itself, as the compiled lean step does: through
+the eager wrappers (``cats_ff_cpu``, ``griffin_ff_cpu``) a call on this machine took 30-40 us more at batch 4, of
+which their checks account for 6 us.
 CATS thresholds keep half the neurons of each sequence; GRIFFIN sequences each keep a random half of the
 neurons, with ``--griffin-overlap`` of them shared by all sequences (prompts of one batch select similar
 neurons). At batch > 1 the sparse ops read the union, reported as ``union``.
@@ -55,7 +60,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout that is not pip
 
 from benchmarks.common import RESULTS, cpu_model, run_metadata  # noqa: E402
 from caprese_peft.kernels import prepare_cats_weights  # noqa: E402
-from caprese_peft.kernels.cpu_ff import cats_ff_cpu, griffin_ff_cpu, isa, load_extension, prepare_dense_weights  # noqa: E402
+from caprese_peft.kernels.cpu_ff import isa, load_extension, prepare_dense_weights  # noqa: E402
 from caprese_peft.sparse_ff import cats_merged_ff, griffin_fused_ff, griffin_merged_weights, keep_indices  # noqa: E402
 
 SHAPES = {  # name: (hidden, intermediate, layers)
@@ -160,12 +165,15 @@ class Layer:
         self.down = down  # (D, F)
         self.cats = prepare_cats_weights(gate, up, down, self.left, self.right)  # neuron-major, + r
         self.dense = prepare_dense_weights(gate, up, down)  # the same without the r
+        self.cats_separate = prepare_cats_weights(gate, up, down, self.left, self.right, interleave=False)
+        self.dense_separate = prepare_cats_weights(gate, up, down, self.left[:, :0], self.right[:0], interleave=False)
         self.ff = ff
         self.keep = None
         self.griffin_merged = None
 
     def load_griffin(self, keep: torch.Tensor) -> None:
         self.keep = keep
+        self.keep_mask = keep.to(torch.uint8)  # as the op takes it
         args = (self.cats.gate, self.cats.up, self.down, self.left, self.right)
         merged = griffin_merged_weights(*args, keep_indices(keep))
         self.griffin_merged = (torch.cat([merged.gate, merged.up], dim=1).contiguous(), merged.down.contiguous())
@@ -203,12 +211,19 @@ def variants(layers: list[Layer], x: torch.Tensor, thresholds: torch.Tensor, com
         "griffin_merged": run(
             lambda layer: griffin_fused_ff(x[:, None], layer.griffin_merged[0], layer.griffin_merged[1], k, F.silu)
         ),
-        "griffin_union_op": run(lambda layer: griffin_ff_cpu(x, layer.cats, layer.keep, "silu", use_kernels=True)),
+        "griffin_union_op": run(lambda layer: ops.gated_ff(x, *layer.cats.op_args(), None, layer.keep_mask, "silu")),
         "cats_torch": run(
             lambda layer: cats_merged_ff(x[:, None], *layer.cats.reference_args(), thresholds.view(-1, 1, 1), F.silu)
         ),
         "cats_gather": run(cats_gather),
-        "cats_op": run(lambda layer: cats_ff_cpu(x, layer.cats, thresholds, "silu", use_kernels=True)),
+        "cats_op": run(lambda layer: ops.gated_ff(x, *layer.cats.op_args(), thresholds, None, "silu")),
+        "dense_op_separate": run(lambda layer: ops.gated_ff(x, *layer.dense_separate.op_args(), None, None, "silu")),
+        "griffin_union_op_separate": run(
+            lambda layer: ops.gated_ff(x, *layer.cats_separate.op_args(), None, layer.keep_mask, "silu")
+        ),
+        "cats_op_separate": run(
+            lambda layer: ops.gated_ff(x, *layer.cats_separate.op_args(), thresholds, None, "silu")
+        ),
     }
     if compile_:
         compiled = torch.compile(dense_step, fullgraph=True, dynamic=False)
@@ -232,7 +247,7 @@ def bytes_read(name: str, layer: Layer, union_cats: float, batch: int) -> int:
         return dense
     if name == "griffin_merged":
         return sum(t.nbytes for t in layer.griffin_merged)
-    if name == "griffin_union_op":
+    if name.startswith("griffin_union_op"):
         union = int(layer.keep.any(0).sum())
         return 3 * union * hidden * item + 2 * rank * hidden * item
     if name == "cats_torch":

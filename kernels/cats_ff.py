@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ..sparse_ff import ACTIVATIONS, cats_merged_ff, check_ff_weights
+from .cpu_ff import rows_contiguous
 
 MAX_BATCH = 8  # one token per sequence; the (batch, neurons, hidden) register tile grows with the batch
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -99,7 +100,7 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 def _cats_up_kernel(
     GATE,  # (B, F) gate pre-activation x @ Wg^T, input dtype
     X,  # (B, D) input dtype
-    UP,  # (F, D) W1, contiguous
+    UP,  # (F, D) W1, rows stride_up apart
     LOW_UP,  # (r, D) L^T, contiguous
     THRESHOLD,  # (B,) fp32
     Z,  # (B, F + r) fp32 output
@@ -110,6 +111,7 @@ def _cats_up_kernel(
     stride_gate,
     stride_x,
     stride_z,
+    stride_up,
     ACTIVATION: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -152,7 +154,7 @@ def _cats_up_kernel(
         ).to(tl.float32)  # (BLOCK_B, BLOCK_D)
         # masked-off rows cost no memory traffic; each neuron's row comes from W1 or from L^T
         w = tl.load(
-            UP + neurons[:, None] * hidden + cols[None, :],
+            UP + neurons[:, None] * stride_up + cols[None, :],
             mask=(active & is_ff)[:, None] & col_ok[None, :],
             other=0.0,
             eviction_policy="evict_first",  # each weight is read once
@@ -186,7 +188,7 @@ def _cats_up_kernel(
 @triton.jit
 def _cats_down_kernel(
     Z,  # (B, F + r) fp32, zero for inactive neurons
-    DOWN_T,  # (F, D) W2^T, contiguous
+    DOWN_T,  # (F, D) W2^T, rows stride_down apart
     LOW_DOWN,  # (r, D) R, contiguous
     OUT,  # (B, D) fp32, zero-initialised
     n_rows,
@@ -195,6 +197,7 @@ def _cats_down_kernel(
     n_neurons,
     stride_z,
     stride_out,
+    stride_down,
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -224,7 +227,7 @@ def _cats_down_kernel(
         active = tl.sum((z != 0.0).to(tl.int32), axis=0) > 0  # a zero z contributes nothing: skip its row
         is_ff = neurons < ff_size
         w = tl.load(
-            DOWN_T + neurons[:, None] * hidden + cols[None, :],
+            DOWN_T + neurons[:, None] * stride_down + cols[None, :],
             mask=(active & is_ff)[:, None] & col_ok[None, :],
             other=0.0,
             eviction_policy="evict_first",
@@ -243,7 +246,9 @@ def _cats_down_kernel(
 class CatsFFWeights:
     """FF weights laid out for the kernel, one row per neuron; the ``r`` low-rank neurons follow the ``F``.
 
-    ``gate`` and ``up`` are the model's own ``Wg`` and ``W1`` (no copy); ``down_t`` is the one copy, ``W2^T``.
+    ``gate`` is the model's own ``Wg`` (no copy). On a GPU ``up`` is the model's ``W1`` too and ``down_t`` the one
+    copy, ``W2^T``. On a CPU ``up`` and ``down_t`` are the two halves of one copy, ``pair`` ``(F, 2, D)``: a
+    neuron's up and down rows side by side, so a kept neuron is one contiguous read (see ``prepare_cats_weights``).
     """
 
     gate: torch.Tensor  # (F, D): Wg as nn.Linear stores it
@@ -260,9 +265,17 @@ class CatsFFWeights:
     def rank(self) -> int:
         return self.low_up.shape[0]
 
+    @property
+    def pair(self) -> torch.Tensor | None:
+        """``(F, 2, D)``: row ``i`` holds neuron ``i``'s up and down rows, of which ``up`` and ``down_t`` are views;
+        None where they are separate tensors (on a GPU)."""
+        return interleaved_pair(self.up, self.down_t)
+
     def copied_bytes(self) -> int:
-        """Bytes held beyond the model's own weights: ``W2^T`` and ``L^T`` (``R`` is the parameter itself)."""
-        return self.down_t.nbytes + self.low_up.nbytes
+        """Bytes held beyond the model's own weights: ``W2^T`` (with ``W1`` on a CPU) and ``L^T`` (``R`` is the
+        parameter itself)."""
+        copied = self.up.nbytes if self.pair is not None else 0
+        return copied + self.down_t.nbytes + self.low_up.nbytes
 
     def op_args(self) -> tuple[torch.Tensor, ...]:
         """``(gate, up, low_up, down_t, low_down)``, as ``torch.ops.caprese.cats_ff`` takes them after ``x``."""
@@ -273,29 +286,60 @@ class CatsFFWeights:
         return self.gate, self.up, self.down_t.t(), self.low_up.t(), self.low_down  # .t(): see cats_merged_ff
 
 
+def interleaved_pair(up: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor | None:
+    """The ``(F, 2, D)`` tensor of which ``up`` and ``down_t`` are the ``[:, 0]`` and ``[:, 1]`` views, or None."""
+    if (
+        up.dim() != 2
+        or up.shape != down_t.shape
+        or up.untyped_storage().data_ptr() != down_t.untyped_storage().data_ptr()
+    ):
+        return None
+    rows, hidden = up.shape
+    if up.stride() != (2 * hidden, 1) or down_t.stride() != up.stride():
+        return None
+    if down_t.storage_offset() != up.storage_offset() + hidden:
+        return None
+    return up.as_strided((rows, 2, hidden), (2 * hidden, hidden, 1))
+
+
 def prepare_cats_weights(
     gate_weight: torch.Tensor,
     up_weight: torch.Tensor,
     down_weight: torch.Tensor,
     low_rank_left: torch.Tensor,
     low_rank_right: torch.Tensor,
+    *,
+    interleave: bool | None = None,
 ) -> CatsFFWeights:
     """Lay out ``Wg (F, D)``, ``W1 (F, D)``, ``W2 (D, F)``, ``L (D, r)``, ``R (r, D)`` for ``cats_ff``.
 
-    Copies ``W2`` once, transposed (do it after training, not per step), and ``L`` (``r`` rows); ``Wg``, ``W1`` and
-    ``R`` are used in place, so an in-place update of them shows through.
+    Copies ``W2`` once, transposed (do it after training, not per step), and ``L`` (``r`` rows); ``Wg`` and ``R``
+    are used in place, so an in-place update of them shows through.
+
+    ``interleave`` (default: on a CPU) copies ``W1`` too, into one ``(F, 2, D)`` tensor with ``W2^T``: neuron
+    ``i``'s up and down rows side by side (``CatsFFWeights.pair``). The CPU op then reads a kept neuron as one
+    stream of ``2 D`` weights instead of two of ``D``; on the neurons CATS keeps, scattered over the block, that
+    is about a tenth faster per block, and a dense block gains a few percent (benchmarks/bench_cpu.py,
+    kernels/CPU.md). It costs ``W1``'s memory once more. Without it, ``W1`` is used in place.
     """
     check_ff_weights(gate_weight, up_weight, down_weight, low_rank_left, low_rank_right)
     tensors = (gate_weight, up_weight, down_weight, low_rank_left, low_rank_right)
     if len({t.dtype for t in tensors}) != 1 or len({t.device for t in tensors}) != 1:
         found = [(str(t.dtype), str(t.device)) for t in tensors]
         raise ValueError(f"FF weights and low-rank factors need one dtype and device, got {found}.")
+    if interleave is None:
+        interleave = gate_weight.device.type == "cpu"
     with torch.no_grad():
+        if interleave:
+            pair = torch.stack([up_weight.detach(), down_weight.detach().T], dim=1)  # (F, 2, D)
+            up, down_t = pair[:, 0], pair[:, 1]
+        else:
+            up, down_t = up_weight.detach().contiguous(), down_weight.detach().T.contiguous()
         return CatsFFWeights(
             gate=gate_weight.detach().contiguous(),
-            up=up_weight.detach().contiguous(),
+            up=up,
             low_up=low_rank_left.detach().T.contiguous(),
-            down_t=down_weight.detach().T.contiguous(),
+            down_t=down_t,
             low_down=low_rank_right.detach().contiguous(),
         )
 
@@ -336,8 +380,12 @@ def _check_op_inputs(
     for name, (tensor, _) in weights.items():
         if tensor.dtype != x.dtype:
             raise ValueError(f"{name} is {tensor.dtype} but x is {x.dtype}; the kernel takes one dtype.")
-        if not tensor.is_contiguous():
-            raise ValueError(f"{name} must be contiguous; build the weights with prepare_cats_weights.")
+        rows_only = name in ("up_weight", "down_weight_t")  # on a CPU, interleaved: see prepare_cats_weights
+        if not (rows_contiguous(tensor) if rows_only else tensor.is_contiguous()):
+            raise ValueError(
+                f"{name} must be {'row-major' if rows_only else 'contiguous'}; build the weights with "
+                "prepare_cats_weights."
+            )
     if threshold.dtype != torch.float32:
         raise ValueError(f"threshold must be float32 (as CatsStats stores it), got {threshold.dtype}.")
 
@@ -380,6 +428,7 @@ def cats_ff_triton(
         gate.stride(0),
         x.stride(0),
         z.stride(0),
+        up_weight.stride(0),
         ACTIVATION=activation,
         BLOCK_B=block_b,
     )
@@ -395,6 +444,7 @@ def cats_ff_triton(
         n_neurons,
         z.stride(0),
         out.stride(0),
+        down_weight_t.stride(0),
         BLOCK_B=block_b,
     )
     # rounded here, by torch, rather than in the kernel: the interpreter truncates fp32 -> bf16 casts
@@ -465,7 +515,9 @@ def kernel_for(x: torch.Tensor, weights: CatsFFWeights, tokens: int, use_kernels
         return None
     from . import cpu_ff
 
-    problem = cpu_ff.op_problem(x.reshape(batch, -1), *weights.op_args()) if tokens == 1 else "several tokens"
+    problem = "several tokens"
+    if tokens == 1:
+        problem = cpu_ff.op_problem(x.reshape(batch, -1), *weights.op_args(), strided_rows=cpu_ff.UP_DOWN)
     if problem is None and cpu_ff.available():
         return "cpu"
     if use_kernels:

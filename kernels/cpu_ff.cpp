@@ -407,11 +407,18 @@ void linear_impl(const float* x, int64_t batch, const T* w, int64_t n_out, int64
   }
 }
 
-void check_weight(const at::Tensor& w, const at::Tensor& x, const char* name, int64_t hidden) {
+// rows_only: the rows may lie apart (row stride >= hidden, unit column stride), as in CatsFFWeights' interleaved
+// up and down rows on a CPU; otherwise contiguous
+void check_weight(const at::Tensor& w, const at::Tensor& x, const char* name, int64_t hidden, bool rows_only = false) {
   TORCH_CHECK(w.device().is_cpu(), "caprese_cpu: ", name, " must be on the CPU");
   TORCH_CHECK(w.dim() == 2 && w.size(1) == hidden, "caprese_cpu: ", name, " must be (N, ", hidden, "), got ",
               w.sizes());
-  TORCH_CHECK(w.is_contiguous(), "caprese_cpu: ", name, " must be contiguous");
+  if (rows_only) {
+    TORCH_CHECK((w.stride(1) == 1 || hidden == 1) && (w.stride(0) >= hidden || w.size(0) <= 1), "caprese_cpu: ",
+                name, " must hold each row contiguously (strides (>= ", hidden, ", 1)), got strides ", w.strides());
+  } else {
+    TORCH_CHECK(w.is_contiguous(), "caprese_cpu: ", name, " must be contiguous");
+  }
   TORCH_CHECK(w.scalar_type() == x.scalar_type(), "caprese_cpu: ", name, " is ", w.scalar_type(), " but x is ",
               x.scalar_type());
 }
@@ -485,13 +492,16 @@ inline void round_to(float* v, int64_t n) {
   }
 }
 
-// the up and down rows of neuron i: the FF weights' for i < F, the low-rank factors' after them
+// the up and down rows of neuron i: the FF weights' for i < F (row strides up_stride, down_stride: hidden, or
+// 2 hidden when a neuron's up and down rows are adjacent), the low-rank factors' after them
 template <typename T>
 struct Rows {
   const T *gate, *up, *low_up, *down_t, *low_down;
-  int64_t ff_size, hidden;
-  const T* up_row(int64_t i) const { return i < ff_size ? up + i * hidden : low_up + (i - ff_size) * hidden; }
-  const T* down_row(int64_t i) const { return i < ff_size ? down_t + i * hidden : low_down + (i - ff_size) * hidden; }
+  int64_t ff_size, hidden, up_stride, down_stride;
+  const T* up_row(int64_t i) const { return i < ff_size ? up + i * up_stride : low_up + (i - ff_size) * hidden; }
+  const T* down_row(int64_t i) const {
+    return i < ff_size ? down_t + i * down_stride : low_down + (i - ff_size) * hidden;
+  }
 };
 
 template <int B, typename T>
@@ -552,23 +562,31 @@ void gated_ff_range(const FFArgs& a, const Rows<T>& w, int64_t begin, int64_t en
       slot[n_active] = n_gated++;
       active[n_active++] = i;
     }
-    // 2. up rows of the active neurons only
-    for (int64_t s = 0; s < n_active; ++s) rows[s] = w.up_row(active[s]);
-    dot_many<B>(a.x, D, rows, n_active, D, z, n_active > 0 ? w.down_row(active[0]) : nullptr);
+    // 2. the active neurons kGroup at a time: their up rows, then their down rows. Where a neuron's up and down rows
+    //    are adjacent (CatsFFWeights on a CPU), each kept neuron is one contiguous stream of 2 D weights rather than
+    //    two streams of D, a third faster on scattered neurons (kernels/CPU.md). A short last group repeats a row
+    //    with coefficient 0.
     for (int64_t s = 0; s < n_active; ++s) {
-      const float* c = pre + slot[s] * B;
-      for (int b = 0; b < B; ++b) z[s * B + b] *= c[b];
+      rows[s] = w.up_row(active[s]);
       down_rows[s] = w.down_row(active[s]);
     }
-    // 3. down rows of the active neurons, kGroup at a time; a short last group repeats a row with coefficient 0
-    for (int64_t s = n_active; s % kGroup != 0; ++s) {
-      down_rows[s] = down_rows[n_active > 0 ? 0 : s];
-      for (int b = 0; b < B; ++b) z[s * B + b] = 0.0f;
-    }
+    for (int64_t s = n_active; s % kGroup != 0; ++s) down_rows[s] = down_rows[n_active > 0 ? 0 : s];
+    constexpr int NR = rows_together<B>();
     for (int64_t s = 0; s < n_active; s += kGroup) {
-      // the next group's rows; after the last group, this tile's rows again (cached: a harmless prefetch)
-      const T* const* next = s + kGroup < n_active ? down_rows + s + kGroup : down_rows + s;
-      axpy_rows<B>(acc, down_rows + s, next, z + s * B, D);
+      const int64_t count = std::min<int64_t>(kGroup, n_active - s);
+      float* zs = z + s * B;
+      if (count == kGroup && NR == kGroup) {
+        dot_multi<B, NR>(a.x, D, rows + s, down_rows + s, D, zs);  // prefetching the group's down rows
+      } else {
+        dot_many<B>(a.x, D, rows + s, count, D, zs, down_rows[s]);
+      }
+      for (int64_t k = 0; k < kGroup; ++k) {
+        const float* c = k < count ? pre + slot[s + k] * B : nullptr;
+        for (int b = 0; b < B; ++b) zs[k * B + b] = c != nullptr ? zs[k * B + b] * c[b] : 0.0f;
+      }
+      // while the down rows are read, the next group's up rows; after the last group, this group's (cached)
+      const T* const* next = s + 2 * kGroup <= n_active ? rows + s + kGroup : down_rows + s;
+      axpy_rows<B>(acc, down_rows + s, next, zs, D);
     }
     // 4. the dropped neurons from their 4-bit rows: act * scale_up (x . up_q) * scale_down down_q, where act is
     //    the exact gate activation (CATS) or, for a neuron GRIFFIN prunes, act(scale_gate (x . gate_q))
@@ -644,8 +662,8 @@ at::Tensor gated_ff_cpu(const at::Tensor& x, const at::Tensor& gate, const at::T
               x.sizes());
   const int64_t batch = x.size(0), hidden = x.size(1), ff_size = gate.size(0), rank = low_up.size(0);
   check_weight(gate, x, "gate", hidden);
-  check_weight(up, x, "up", hidden);
-  check_weight(down_t, x, "down_t", hidden);
+  check_weight(up, x, "up", hidden, true);
+  check_weight(down_t, x, "down_t", hidden, true);
   check_weight(low_up, x, "low_up", hidden);
   check_weight(low_down, x, "low_down", hidden);
   TORCH_CHECK(up.size(0) == ff_size && down_t.size(0) == ff_size,
@@ -724,7 +742,7 @@ at::Tensor gated_ff_cpu(const at::Tensor& x, const at::Tensor& gate, const at::T
       using scalar_t = std::remove_pointer_t<decltype(tag)>;
       const Rows<scalar_t> w{gate.data_ptr<scalar_t>(),   up.data_ptr<scalar_t>(),       low_up.data_ptr<scalar_t>(),
                              down_t.data_ptr<scalar_t>(), low_down.data_ptr<scalar_t>(), live,
-                             hidden};
+                             hidden,                      up.stride(0),                  down_t.stride(0)};
       with_batch(rows, [&](auto r) { gated_ff_tile<decltype(r)::value>(a, w, o); });
     });
   }

@@ -159,16 +159,25 @@ def _use_op(use_kernels: bool | None, applies: bool, why_not: str) -> bool:
     return True
 
 
-def op_problem(x: torch.Tensor, *weights: torch.Tensor) -> str | None:
-    """Why the CPU ops cannot compute ``x (B, D)`` with ``weights``, or None when they can."""
+UP_DOWN = (1, 3)  # the positions of up and down_t in CatsFFWeights.op_args: rows may lie apart (interleaved)
+
+
+def rows_contiguous(t: torch.Tensor) -> bool:
+    """A 2-d tensor whose rows are each contiguous, at least a row apart: what the kernels' row strides allow."""
+    return t.dim() == 2 and (t.stride(1) == 1 or t.shape[1] <= 1) and (t.stride(0) >= t.shape[1] or t.shape[0] <= 1)
+
+
+def op_problem(x: torch.Tensor, *weights: torch.Tensor, strided_rows: tuple[int, ...] = ()) -> str | None:
+    """Why the CPU ops cannot compute ``x (B, D)`` with ``weights``, or None when they can. The weights at the
+    positions ``strided_rows`` may hold their rows apart (``CatsFFWeights``' interleaved up and down rows)."""
     if x.device.type != "cpu" or any(w.device.type != "cpu" for w in weights):
         return "tensors are not all on the CPU"
     if x.dim() != 2:
         return f"x must be (B, D), got {tuple(x.shape)}"
     if x.dtype not in SUPPORTED_DTYPES or any(w.dtype != x.dtype for w in weights):
         return f"x and weights must share one of {SUPPORTED_DTYPES}"
-    if not all(w.is_contiguous() for w in weights):
-        return "weights must be contiguous"
+    if not all(rows_contiguous(w) if i in strided_rows else w.is_contiguous() for i, w in enumerate(weights)):
+        return "weights must be contiguous (up and down_t: row by row)"
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
         return "the ops have no backward; call them under torch.no_grad()"
     return None
@@ -320,7 +329,7 @@ def gated_ff(
             "A stand-in with a keep mask (GRIFFIN) holds 4-bit gate rows, one with a threshold (CATS) none."
         )
     args = weights.op_args()
-    problem = op_problem(x, *args)
+    problem = op_problem(x, *args, strided_rows=UP_DOWN)
     if problem is None and stand_in is not None:
         problem = stand_in.problem(x.shape[-1])
     if _use_op(use_kernels, problem is None, problem or ""):
@@ -333,8 +342,8 @@ def gated_ff(
 
 
 def prepare_dense_weights(gate_weight: torch.Tensor, up_weight: torch.Tensor, down_weight: torch.Tensor) -> Any:
-    """The dense MLP in the fused op's layout (``CatsFFWeights`` with no low-rank neurons): ``Wg`` and ``W1`` in
-    place, a contiguous copy of ``W2^T`` (do it once, not per step)."""
+    """The dense MLP in the fused op's layout (``CatsFFWeights`` with no low-rank neurons): ``Wg`` in place, one
+    copy of ``W1`` and ``W2^T`` with each neuron's two rows side by side (do it once, not per step)."""
     from .cats_ff import prepare_cats_weights
 
     load_extension()

@@ -13,6 +13,7 @@ from caprese_peft.backbones import Cats, Griffin
 from caprese_peft.backbones.cats import _uniform, cats_thresholds
 from caprese_peft.backbones.griffin import griffin_scores, kept_count, top_neurons
 from caprese_peft.kernels import prepare_cats_weights
+from caprese_peft.kernels.cats_ff import interleaved_pair
 from caprese_peft.kernels.cpu_ff import (
     cats_ff_cpu,
     cats_threshold,
@@ -137,16 +138,19 @@ def test_linear_matches_reference(dtype, batch):
 
 
 @requires_op
+@pytest.mark.parametrize("interleave", [True, False], ids=["side-by-side", "separate"])
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("act_name", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cats_op_matches_cats_merged_ff(dtype, act_name, batch):
+def test_cats_op_matches_cats_merged_ff(dtype, act_name, batch, interleave):
     act = ACTIVATIONS[act_name]
     x, weights = make_problem(batch, dtype, seed=10 + batch)
     threshold = half_threshold(x, weights[0], act)
     kept = (act(x.float() @ weights[0].float().T).abs() > threshold[:, None]).float().mean()
     assert 0.35 < kept < 0.65
-    out = cats_ff_cpu(x, prepare_cats_weights(*weights), threshold, act_name, use_kernels=True)
+    prepared = prepare_cats_weights(*weights, interleave=interleave)
+    assert (prepared.pair is not None) == interleave
+    out = cats_ff_cpu(x, prepared, threshold, act_name, use_kernels=True)
     expected = cats_spec(x, weights, threshold, act)
     assert_close(out, expected, dtype)
     # the comparison can fail: ignoring the threshold, or the low-rank neurons, would not pass it
@@ -192,15 +196,54 @@ def test_cats_rank_zero_is_plain_cats():
 
 
 @requires_op
+@pytest.mark.parametrize("interleave", [True, False], ids=["side-by-side", "separate"])
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_griffin_matches_griffin_merged_ff(dtype, batch):
+def test_griffin_matches_griffin_merged_ff(dtype, batch, interleave):
     act_name = "gelu_tanh" if batch % 2 else "silu"
     act = ACTIVATIONS[act_name]
     x, weights = make_problem(batch, dtype, seed=20 + batch)
     keep = griffin_keep(batch, FF, 70, seed=batch)
-    out = griffin_ff_cpu(x, prepare_cats_weights(*weights), keep, act_name, use_kernels=True)
+    prepared = prepare_cats_weights(*weights, interleave=interleave)
+    out = griffin_ff_cpu(x, prepared, keep, act_name, use_kernels=True)
     assert_close(out, griffin_spec(x, weights, keep, act), dtype)
+
+
+def test_cpu_weights_hold_each_neuron_s_up_and_down_rows_side_by_side():
+    """On a CPU, W1 and W2^T are copied into one (F, 2, D) tensor; Wg (and, without interleaving, W1) in place."""
+    _, weights = make_problem(2, torch.float32, seed=3)
+    gate_w, up_w, down_w = weights[:3]
+    w = prepare_cats_weights(*weights)
+    assert w.pair.shape == (FF, 2, D) and w.pair.is_contiguous()
+    assert w.up.data_ptr() == w.pair.data_ptr() and w.down_t.data_ptr() == w.pair[:, 1].data_ptr()
+    assert torch.equal(w.up, up_w) and torch.equal(w.down_t, down_w.T) and w.gate.data_ptr() == gate_w.data_ptr()
+    assert w.copied_bytes() == up_w.nbytes + down_w.nbytes + w.low_up.nbytes
+    separate = prepare_cats_weights(*weights, interleave=False)
+    assert separate.pair is None and separate.up.data_ptr() == up_w.data_ptr() and separate.down_t.is_contiguous()
+    assert separate.copied_bytes() == down_w.nbytes + w.low_up.nbytes
+    assert interleaved_pair(w.down_t, w.up) is None  # the order matters: up first
+
+
+@requires_op
+@pytest.mark.parametrize("batch", [1, 4, 8])
+def test_the_op_reads_rows_at_any_row_stride(batch):
+    """Up and down rows taken from wider tensors (row strides D + 5 and 3 D): the same answer as contiguous rows."""
+    x, weights = make_problem(batch, torch.float32, seed=70 + batch)
+    w = prepare_cats_weights(*weights, interleave=False)
+    wide_up = torch.full((FF, D + 5), float("nan"))
+    wide_up[:, 2 : 2 + D] = w.up
+    wide_down = torch.full((FF, 3, D), float("nan"))
+    wide_down[:, 1] = w.down_t
+    strided = type(w)(w.gate, wide_up[:, 2 : 2 + D], w.low_up, wide_down[:, 1], w.low_down)
+    threshold = half_threshold(x, weights[0], F.silu)
+    out = cats_ff_cpu(x, strided, threshold, "silu", use_kernels=True)
+    assert_close(out, cats_spec(x, weights, threshold, F.silu), torch.float32)
+    keep = griffin_keep(batch, FF, 50, seed=batch)
+    assert_close(
+        griffin_ff_cpu(x, strided, keep, "silu", use_kernels=True),
+        griffin_spec(x, weights, keep, F.silu),
+        torch.float32,
+    )
 
 
 @requires_op
@@ -327,6 +370,11 @@ def test_bad_inputs_fail_early_with_a_reason():
         gated_ff(x, transposed, "silu", threshold=threshold, use_kernels=True)
     with pytest.raises(ValueError, match="no backward"):
         linear(x.requires_grad_(), w.gate, use_kernels=True)
+    with pytest.raises(ValueError, match="row by row"):  # rows may lie apart, but each must be contiguous
+        column_major = type(w)(w.gate, w.up.T.contiguous().T, w.low_up, w.down_t, w.low_down)
+        gated_ff(x, column_major, "silu", threshold=threshold, use_kernels=True)
+    with pytest.raises(RuntimeError, match="must hold each row contiguously"):
+        torch.ops.caprese_cpu.gated_ff(x.detach(), *column_major.op_args(), threshold, None, "silu")
     with pytest.raises(RuntimeError, match="must all have F rows"):  # the op's own checks, for direct callers
         torch.ops.caprese_cpu.gated_ff(
             x.detach(), w.gate, w.up[:5], w.low_up, w.down_t, w.low_down, threshold, None, "silu"

@@ -124,8 +124,8 @@ def test_buffers_are_reused_across_prompt_batches_of_one_shape():
 
 
 def test_extra_memory_is_what_each_variant_copies():
-    """CATS reads Wg and W1 in place and copies W2^T (and L^T); the dense step copies W2^T on a CPU with the C++ ops
-    (they read neuron-major rows) and gate/up elsewhere (fused into one GEMV)."""
+    """On a CPU, CATS reads Wg in place and copies W1 and W2^T side by side (and L^T); the dense step copies W1 and
+    W2^T alike with the C++ ops (they read neuron-major rows) and gate/up elsewhere (fused into one GEMV)."""
     model = build("llama", dict(backbone="cats", layers_to_transform=[1, 3]))
     ids, mask = random_prompts([6, 4])
     extra, decoders = {}, {}
@@ -137,11 +137,15 @@ def test_extra_memory_is_what_each_variant_copies():
     mlp = layers[0].base_layer
     gate_up = mlp.gate_proj.weight.nbytes + mlp.up_proj.weight.nbytes
     low_up, thresholds = layers[0].caprese_L["default"].nbytes, 2 * 4  # L^T; one fp32 threshold per sequence
-    down_t = mlp.down_proj.weight.nbytes
-    dense_copy = down_t if decoders["dense"].cpu_ops else gate_up
-    assert extra["caprese"] - extra["dense"] == len(layers) * (down_t + low_up + thresholds - dense_copy)
+    up_down = mlp.up_proj.weight.nbytes + mlp.down_proj.weight.nbytes
+    dense_copy = up_down if decoders["dense"].cpu_ops else gate_up
+    assert extra["caprese"] - extra["dense"] == len(layers) * (up_down + low_up + thresholds - dense_copy)
     weights = layers[0].caprese_decoder["default"].weights()
-    assert weights.up.data_ptr() == mlp.up_proj.weight.data_ptr() and weights.copied_bytes() == down_t + low_up
+    assert weights.gate.data_ptr() == mlp.gate_proj.weight.data_ptr() and weights.copied_bytes() == up_down + low_up
+    assert weights.pair.shape == (mlp.up_proj.out_features, 2, mlp.up_proj.in_features)
+    assert torch.equal(weights.pair[:, 0], mlp.up_proj.weight) and torch.equal(
+        weights.pair[:, 1], mlp.down_proj.weight.T
+    )
 
 
 def test_a_cpu_compiles_the_step_with_inductor_by_default():
@@ -347,10 +351,13 @@ def test_griffin_packs_its_kept_rows_after_the_prefill_s_token():
         union = keep.any(0).nonzero()[:, 0]
         n = union.numel()
         assert ff.packed_gate.shape[0] == min(keep.shape[1], 2 * ff.kept) >= n
-        for packed, rows in ((ff.packed_gate, ff.gate), (ff.packed_up, ff.up), (ff.packed_down_t, ff.down_t)):
-            assert torch.equal(packed[:n], rows[union])
+        mlp = decoder.layers[0].base_layer
+        rows = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.T)
+        packed = (ff.packed_gate, ff.packed_up_down[:, 0], ff.packed_up_down[:, 1])  # a neuron's up, down side by side
+        for packed_rows, block in zip(packed, rows):
+            assert torch.equal(packed_rows[:n], block[union])
         assert torch.equal(ff.keep[:, :n].bool(), keep[:, union]) and not ff.keep[:, n:].any()
-        now = [t.data_ptr() for t in (ff.packed_gate, ff.packed_up, ff.packed_down_t, ff.keep)]
+        now = [t.data_ptr() for t in (ff.packed_gate, ff.packed_up_down, ff.keep)]
         assert addresses is None or now == addresses  # in place: a compiled step's inputs stay where they were
         addresses = now
 

@@ -75,17 +75,20 @@ def reference(x, weights, threshold, act) -> torch.Tensor:
     return cats_merged_ff(x.float()[:, None], *upcast, threshold.view(-1, 1, 1), act)[:, 0]  # (B, D)
 
 
+@pytest.mark.parametrize("interleave", [True, False], ids=["side-by-side", "separate"])
 @pytest.mark.parametrize("batch", [1, 3, MAX_BATCH])
 @pytest.mark.parametrize("act_name", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_op_matches_reference(dtype, act_name, batch):
+def test_op_matches_reference(dtype, act_name, batch, interleave):
+    """Both layouts of the up and down rows: separate (a GPU's default) and side by side (a CPU's)."""
     act = ACTIVATIONS[act_name]
     x, weights = make_problem(batch, dtype, seed=batch)
     threshold = half_threshold(x, weights[0], act)
     kept = (act(x.float() @ weights[0].float().T).abs() > threshold[:, None]).float().mean()
     assert 0.35 < kept < 0.65
 
-    out = cats_ff(x, prepare_cats_weights(*weights), threshold, act_name, use_kernels=True)
+    prepared = prepare_cats_weights(*weights, interleave=interleave)
+    out = cats_ff(x, prepared, threshold, act_name, use_kernels=True)
     assert out.shape == x.shape and out.dtype == dtype
     expected = reference(x, weights, threshold, act)
     tol = TOLERANCES[dtype]

@@ -76,7 +76,8 @@ class FastDecoder:
     (``torch.compiler.nested_compile_region``) rather than the whole unrolled step: a third of the compile time on
     SmolLM2, the same code; False compiles the unrolled step; None: True on CUDA, False on a CPU.
 
-    The lean step copies the q/k/v and gate/up weights it fuses (and CATS layers' up/down weights), so it holds
+    The lean step copies the q/k/v and gate/up weights it fuses (on a CPU with the C++ ops, each FF block's up and
+    down weights instead, a neuron's two rows side by side; CATS layers' up/down weights on a GPU), so it holds
     roughly the attention and FF weights once more; GRIFFIN layers on a CPU also hold their prompt batch's kept
     rows packed (``min(F, B k)`` rows of gate, up and down per layer: half the FF weights at batch 1 and density
     0.5), packed before the first decode step. Build it after the model is on its device and in eval mode.

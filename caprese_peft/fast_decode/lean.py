@@ -25,6 +25,29 @@ from ..sparse_ff import activation_name, cats_merged_ff, griffin_fused_ff
 CPU_WEIGHTS = ("gate", "up", "low_up", "down_t", "low_down")
 
 
+def _hold_ff_weights(module: nn.Module, weights: Any, static: bool = True) -> None:
+    """Register ``weights`` (``CatsFFWeights``) as ``module``'s non-persistent buffers named ``CPU_WEIGHTS``.
+
+    Interleaved weights (on a CPU) are held as one ``up_down`` buffer, ``up`` and ``down_t`` left None: a compiled
+    region (``torch.compiler.nested_compile_region``) refuses inputs that alias, so ``_ff_weights`` takes the two
+    views inside the step.
+    """
+    pair = weights.pair
+    mark = _static if static else (lambda t: t)
+    module.register_buffer("up_down", None if pair is None else mark(pair), persistent=False)
+    for name, tensor in zip(CPU_WEIGHTS, weights.op_args()):
+        held = None if pair is not None and name in ("up", "down_t") else mark(tensor)
+        module.register_buffer(name, held, persistent=False)
+
+
+def _ff_weights(module: nn.Module) -> list[torch.Tensor]:
+    """``module``'s weights in ``CatsFFWeights.op_args`` order (see ``_hold_ff_weights``)."""
+    weights = [getattr(module, name) for name in CPU_WEIGHTS]
+    if module.up_down is not None:
+        weights[1], weights[3] = module.up_down[:, 0], module.up_down[:, 1]
+    return weights
+
+
 @dataclass(frozen=True)
 class Architecture:
     """What the lean step must know of a Llama-family decoder beyond its sizes."""
@@ -114,9 +137,9 @@ def _store(module: nn.Module, name: str, value: torch.Tensor, dtype: torch.dtype
 
 
 class DenseFF(nn.Module):
-    """The unmodified gated MLP: on a CPU with the C++ ops one pass over its rows (``caprese_cpu::gated_ff``, gate
-    and up read in place, ``W2^T`` copied once); elsewhere gate and up fused into one ``(2F, D)`` GEMV (a copy of
-    those two weights)."""
+    """The unmodified gated MLP: on a CPU with the C++ ops one pass over its rows (``caprese_cpu::gated_ff``; gate
+    read in place, ``W1`` and ``W2^T`` copied once, each neuron's two rows side by side); elsewhere gate and up
+    fused into one ``(2F, D)`` GEMV (a copy of those two weights)."""
 
     def __init__(self, mlp: nn.Module, cpu_ops: bool = False) -> None:
         super().__init__()
@@ -128,8 +151,7 @@ class DenseFF(nn.Module):
             from ..kernels.cpu_ff import prepare_dense_weights
 
             weights = prepare_dense_weights(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
-            for name, tensor in zip(CPU_WEIGHTS, weights.op_args()):
-                self.register_buffer(name, tensor, persistent=False)
+            _hold_ff_weights(self, weights, static=False)
             return
         with torch.no_grad():
             gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])  # (2F, D)
@@ -142,7 +164,7 @@ class DenseFF(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation is not None:
-            weights = [getattr(self, name) for name in CPU_WEIGHTS]
+            weights = _ff_weights(self)
             return torch.ops.caprese_cpu.gated_ff(x[:, 0], *weights, None, None, self.activation)[:, None]
         gate, up = F.linear(x, self.gate_up, self.gate_up_bias).split(self.ff_size, dim=-1)  # (B, 1, F) each
         return F.linear(self.act(gate) * up, self.down, self.down_bias)
@@ -150,7 +172,7 @@ class DenseFF(nn.Module):
     def weight_bytes(self, batch: int) -> int:
         """Bytes of weights one decode step reads."""
         if self.activation is not None:
-            return sum(getattr(self, name).nbytes for name in CPU_WEIGHTS)
+            return sum(t.nbytes for t in _ff_weights(self))
         return self.gate_up.nbytes + self.down.nbytes
 
 
@@ -168,7 +190,8 @@ class GriffinFF(nn.Module):
     """
 
     STAND_IN = ("stand_up", "stand_down", "stand_scale", "stand_gate")  # StandIn4's op arguments, in order
-    PACKED = ("packed_gate", "packed_up", "packed_down_t")  # the union's rows of gate, up and down_t
+    # the union's rows of gate, and of up and down_t side by side ((capacity, 2, D), as CatsFFWeights.pair holds them)
+    PACKED = ("packed_gate", "packed_up_down")
 
     def __init__(self, decoder: Any, low_rank: bool, cpu_ops: bool = False, stand_in: bool = False) -> None:
         super().__init__()
@@ -182,8 +205,7 @@ class GriffinFF(nn.Module):
             raise ValueError("The 4-bit stand-in of pruned GRIFFIN neurons decodes through the C++ CPU op only.")
         self._selection: Any = None  # the prompt batch's statistics, between load and pack
         if self.activation is not None:
-            for name, tensor in zip(CPU_WEIGHTS, decoder.build(None, low_rank, union=True).op_args()):
-                self.register_buffer(name, tensor, persistent=False)
+            _hold_ff_weights(self, decoder.build(None, low_rank, union=True), static=False)
             self.register_buffer("keep", None, persistent=False)  # (B, F) uint8; packed: (B, min(F, B k))
             for name in self.PACKED:
                 self.register_buffer(name, None, persistent=False)
@@ -223,22 +245,28 @@ class GriffinFF(nn.Module):
                 return
             union = keep.any(dim=0).nonzero()[:, 0]  # ascending neuron ids
             capacity = min(self.gate.shape[0], keep.shape[0] * self.kept)  # the most a union can hold
-            for name, rows in zip(self.PACKED, (self.gate, self.up, self.down_t)):
-                packed = getattr(self, name)
-                if packed is None or packed.shape[0] != capacity:
-                    # zeros after the union: never read (their keep is 0), but never uninitialised memory either
-                    packed = _static(rows.new_zeros(capacity, rows.shape[1]))
-                    setattr(self, name, packed)
-                torch.index_select(rows, 0, union, out=packed[: union.numel()])
+            hidden = self.gate.shape[1]
+            if self.packed_gate is None or self.packed_gate.shape[0] != capacity:
+                # zeros after the union: never read (their keep is 0), but never uninitialised memory either
+                self.packed_gate = _static(self.gate.new_zeros(capacity, hidden))
+                self.packed_up_down = _static(self.gate.new_zeros(capacity, 2, hidden))
+            n = union.numel()
+            torch.index_select(self.gate, 0, union, out=self.packed_gate[:n])
+            if self.up_down is not None:  # one gather of each kept neuron's two adjacent rows
+                torch.index_select(self.up_down, 0, union, out=self.packed_up_down[:n])
+            else:
+                torch.index_select(self.up, 0, union, out=self.packed_up_down[:n, 0])
+                torch.index_select(self.down_t, 0, union, out=self.packed_up_down[:n, 1])
             mask = torch.zeros(keep.shape[0], capacity, dtype=torch.uint8, device=keep.device)
             mask[:, : union.numel()] = keep[:, union]
             _store(self, "keep", mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation is not None:
-            weights = [getattr(self, name) for name in CPU_WEIGHTS]
+            weights = _ff_weights(self)
             if self.packs:
-                weights[0], weights[1], weights[3] = (getattr(self, name) for name in self.PACKED)
+                pair = self.packed_up_down
+                weights[0], weights[1], weights[3] = self.packed_gate, pair[:, 0], pair[:, 1]
             stand_in = [getattr(self, name) for name in self.STAND_IN] if self.stand_in else [None] * 4
             out = torch.ops.caprese_cpu.gated_ff(x[:, 0], *weights, None, self.keep, self.activation, *stand_in)
             return out[:, None]
@@ -266,7 +294,6 @@ class CatsFF(nn.Module):
     step takes them as inputs: one compiled layer then serves every layer.
     """
 
-    WEIGHTS = CPU_WEIGHTS  # CatsFFWeights' fields, in its order
     STAND_IN = ("stand_up", "stand_down", "stand_scale")  # StandIn4's fields, in its order
 
     def __init__(self, decoder: Any, low_rank: bool, use_kernels: bool | None, stand_in: bool = False) -> None:
@@ -281,8 +308,7 @@ class CatsFF(nn.Module):
                 f"use_kernels=True, but the CATS kernel knows silu and gelu_tanh and "
                 f"{decoder.layer.base_layer.act_fn!r} is neither."
             )
-        for name, tensor in zip(self.WEIGHTS, decoder.weights(low_rank).op_args()):
-            self.register_buffer(name, _static(tensor), persistent=False)
+        _hold_ff_weights(self, decoder.weights(low_rank))
         object.__setattr__(self, "_cats_ff", cats_ff)
         object.__setattr__(self, "_weights_cls", CatsFFWeights)
         self.register_buffer("threshold", None, persistent=False)  # (B,) fp32
@@ -299,7 +325,7 @@ class CatsFF(nn.Module):
     @property
     def weights(self) -> Any:
         """The kernel weights, as ``caprese_peft.kernels.CatsFFWeights``."""
-        return self._weights_cls(*(getattr(self, name) for name in self.WEIGHTS))
+        return self._weights_cls(*_ff_weights(self))
 
     def load(self) -> None:
         """Take this prompt batch's thresholds from the layer's statistics."""
@@ -325,14 +351,15 @@ class CatsFF(nn.Module):
         Nominal: at batch > 1 the kernel reads the rows of neurons any sequence keeps, more than ``density``.
         """
         density = self.decoder.backbone.density if density is None else density
-        row_bytes = (self.up.nbytes + self.down_t.nbytes) / self.up.shape[0]  # one neuron's up and down rows
-        low_rank = self.low_up.nbytes + self.low_down.nbytes
-        kept = self.gate.nbytes + round(density * self.up.shape[0] * row_bytes) + low_rank
+        gate, up, low_up, down_t, low_down = _ff_weights(self)
+        ff_size = up.shape[0]
+        row_bytes = (up.nbytes + down_t.nbytes) / ff_size  # one neuron's up and down rows
+        kept = gate.nbytes + round(density * ff_size * row_bytes) + low_up.nbytes + low_down.nbytes
         if not self.stand_in:
             return kept
         # the dropped neurons' 4-bit up and down rows and their two scales
-        stand_row = (self.stand_up.nbytes + self.stand_down.nbytes + self.stand_scale.nbytes) / self.up.shape[0]
-        return kept + round((1 - density) * self.up.shape[0] * stand_row)
+        stand_row = (self.stand_up.nbytes + self.stand_down.nbytes + self.stand_scale.nbytes) / ff_size
+        return kept + round((1 - density) * ff_size * stand_row)
 
 
 class Attention(nn.Module):
