@@ -181,6 +181,7 @@ def main() -> None:
                 "ttft_ms": round(statistics.median(ttft[(mode, form)]) * 1e3, 1),
                 "ttnt_ms": round(ms, 2),
                 "ttnt_ms_min": round(min(times[(mode, form)]) * 1e3, 2),
+                "block_ms": [round(t * 1e3, 2) for t in times[(mode, form)]],  # ms per token of each block, in order
                 "weight_mb": round(weight_bytes / 1e6, 1),
                 "gb_per_s": round(weight_bytes / ms / 1e6, 1),
                 "floor_ms": round(floor, 2),
