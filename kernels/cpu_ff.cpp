@@ -564,8 +564,8 @@ void gated_ff_range(const FFArgs& a, const Rows<T>& w, int64_t begin, int64_t en
     }
     // 2. the active neurons kGroup at a time: their up rows, then their down rows. Where a neuron's up and down rows
     //    are adjacent (CatsFFWeights on a CPU), each kept neuron is one contiguous stream of 2 D weights rather than
-    //    two streams of D, a third faster on scattered neurons (kernels/CPU.md). A short last group repeats a row
-    //    with coefficient 0.
+    //    two streams of D: about a tenth off CATS's block, whose kept neurons are scattered (kernels/CPU.md). A
+    //    short last group repeats a row with coefficient 0.
     for (int64_t s = 0; s < n_active; ++s) {
       rows[s] = w.up_row(active[s]);
       down_rows[s] = w.down_row(active[s]);
