@@ -154,6 +154,34 @@ def test_a_cpu_compiles_the_step_with_inductor_by_default():
     assert decoder.cpu_ops == cpu_ops_available()
 
 
+def test_padded_calls_hold_extra_locals_and_only_call():
+    from caprese_peft.fast_decode.decoder import STEP_CALLS, _padded_call
+
+    padded = _padded_call(40)
+    assert padded(lambda a, b=0: (a, b), 3, 4) == (3, 4)
+    assert padded.__code__.co_nlocals == _padded_call(0).__code__.co_nlocals + 40
+    assert [call.__code__.co_nlocals for call in STEP_CALLS] == [2, 2 + 128]
+
+
+def test_a_cpu_step_keeps_the_faster_of_two_paddings_after_timing_both():
+    """Two warm-up steps, then PAD_TRIALS timed steps with each padding; then the faster one stays (the tokens are
+    the same either way: the padding only moves the step's frame)."""
+    from caprese_peft.fast_decode.decoder import PAD_TRIALS, STEP_CALLS
+
+    model = build("llama", dict(backbone="cats", layers_to_transform=[0, 2]))
+    decoder = FastDecoder(model, max_seq_len=40)  # the CPU default: inductor, Python wrapper
+    ids, mask = random_prompts([5, 3], seed=8)
+    steps = 2 + len(STEP_CALLS) * PAD_TRIALS
+    decoder.prefill(ids, mask)
+    assert decoder._pad_times == [[] for _ in STEP_CALLS]
+    sequences = decoder.generate(ids, mask, max_new_tokens=steps + 2)
+    assert decoder._pad_times is None and decoder._call_step in STEP_CALLS
+    assert torch.equal(sequences, reference_generate(model, "caprese", ids, mask, steps + 2))
+    eager = FastDecoder(model, max_seq_len=40, compile="none")
+    eager.prefill(ids, mask)
+    assert eager._pad_times is None  # no inductor wrapper, nothing to choose
+
+
 def test_buffers_grow_for_a_longer_second_call_and_are_kept_for_a_shorter_one():
     model = build("qwen2", dict(backbone="cats"))
     decoder = eager_decoder(model)  # no max_seq_len: each call sizes what it needs

@@ -42,6 +42,27 @@ def _greedy_step(
     return logits, logits.argmax(dim=-1)
 
 
+def _padded_call(slots: int) -> Callable:
+    """``call(fn, *args) -> fn(*args)`` from a frame holding ``slots`` extra locals (8 bytes each).
+
+    Why: CPython 3.11 keeps Python frames in 16 KiB chunks, and frees a chunk when the frame at its base returns. An
+    inductor step's Python ``call()`` has a frame of several KiB; where it ends just short of a chunk's end, each
+    Python frame it pushes (one per custom op call) allocates a chunk and frees it on return, an ``mmap`` and
+    ``munmap`` pair each, whose TLB flush interrupts the other cores (measured: 76 pairs and 20-35% of a SmolLM2
+    step on a 2-core VM; kernels/CPU.md). A kilobyte more above ``call()`` moves it away from such an edge.
+    """
+    names = ", ".join(f"_{i}" for i in range(slots))
+    body = f"    {names}, = (None,) * {slots}\n" if slots else ""
+    namespace: dict = {}
+    exec(f"def call(fn, *args):\n{body}    return fn(*args)\n", namespace)  # noqa: S102 - fixed source
+    return namespace["call"]
+
+
+# the step called with no padding, then with 1 KiB more above it; FastDecoder keeps the faster (see _padded_call)
+STEP_CALLS = (_padded_call(0), _padded_call(128))
+PAD_TRIALS = 3  # timed steps per padding, after two warm-up steps
+
+
 def _own_step() -> Callable:
     """``_greedy_step`` with a code object of its own: torch.compile caches compiled code per code object, so each
     decoder (its own lean step, buffers and guards) gets its own cache instead of the recompile limit of a shared one.
@@ -132,6 +153,9 @@ class FastDecoder:
         self._slot: torch.Tensor | None = None  # (1,) cache slot of the next token
         self._slot_host = 0
         self._positions: torch.Tensor | None = None  # (B,) rotary position of the next token
+        self._call_step: Callable = STEP_CALLS[0]
+        self._pad_times: list[list[float]] | None = None  # while choosing a padding: seconds per step, per padding
+        self._steps_taken = 0
 
     # ---- construction ----
 
@@ -199,6 +223,11 @@ class FastDecoder:
                 self._step = torch.compile(_own_step(), fullgraph=True, options={"size_asserts": False})
             else:
                 self._step = torch.compile(_own_step(), mode=self.compile, fullgraph=True)
+            # a CPU step compiled with inductor's Python wrapper: time it with and without a padding frame
+            python_wrapper = self.device.type == "cpu" and self.compile == "default"
+            self._call_step = STEP_CALLS[0]
+            self._pad_times = [[] for _ in STEP_CALLS] if python_wrapper else None
+            self._steps_taken = 0
 
     # ---- the decode loop ----
 
@@ -278,11 +307,32 @@ class FastDecoder:
             self.lean.finish_load()
         if self.compile == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
-        logits, next_tokens = self._step(self.lean, tokens, self._slot, self._positions)
+        if self._pad_times is None:
+            logits, next_tokens = self._call_step(self._step, self.lean, tokens, self._slot, self._positions)
+        else:
+            logits, next_tokens = self._choosing_padding(tokens)
         self._slot = self._slot + 1
         self._slot_host += 1
         self._positions = self._positions + 1
         return logits, next_tokens
+
+    def _choosing_padding(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step while the padding is being chosen: two warm-up steps, then ``PAD_TRIALS`` timed steps with each
+        padding in turn; then the padding of the fastest median is kept (see ``_padded_call``)."""
+        import time
+
+        trial = self._steps_taken - 2
+        index = trial % len(STEP_CALLS) if trial >= 0 else 0
+        start = time.perf_counter()
+        out = STEP_CALLS[index](self._step, self.lean, tokens, self._slot, self._positions)
+        if trial >= 0:
+            self._pad_times[index].append(time.perf_counter() - start)
+        self._steps_taken += 1
+        if all(len(times) >= PAD_TRIALS for times in self._pad_times):
+            medians = [sorted(times)[len(times) // 2] for times in self._pad_times]
+            self._call_step = STEP_CALLS[medians.index(min(medians))]
+            self._pad_times = None
+        return out
 
     @torch.no_grad()
     def generate(
