@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
 import types
 from collections.abc import Callable, Sequence
 
@@ -319,8 +320,6 @@ class FastDecoder:
     def _choosing_padding(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One step while the padding is being chosen: two warm-up steps, then ``PAD_TRIALS`` timed steps with each
         padding in turn; then the padding of the fastest median is kept (see ``_padded_call``)."""
-        import time
-
         trial = self._steps_taken - 2
         index = trial % len(STEP_CALLS) if trial >= 0 else 0
         start = time.perf_counter()

@@ -252,11 +252,8 @@ class GriffinFF(nn.Module):
                 self.packed_up_down = _static(self.gate.new_zeros(capacity, 2, hidden))
             n = union.numel()
             torch.index_select(self.gate, 0, union, out=self.packed_gate[:n])
-            if self.up_down is not None:  # one gather of each kept neuron's two adjacent rows
-                torch.index_select(self.up_down, 0, union, out=self.packed_up_down[:n])
-            else:
-                torch.index_select(self.up, 0, union, out=self.packed_up_down[:n, 0])
-                torch.index_select(self.down_t, 0, union, out=self.packed_up_down[:n, 1])
+            # one gather of each kept neuron's two adjacent rows (CPU weights always hold them side by side)
+            torch.index_select(self.up_down, 0, union, out=self.packed_up_down[:n])
             mask = torch.zeros(keep.shape[0], capacity, dtype=torch.uint8, device=keep.device)
             mask[:, : union.numel()] = keep[:, union]
             _store(self, "keep", mask)
