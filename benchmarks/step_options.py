@@ -1,12 +1,14 @@
-"""What two options of FastDecoder's compiled CPU step are worth: attention as fused sums, and no size asserts.
+"""What three options of FastDecoder's compiled CPU step are worth: fused attention, no size asserts, a bounded cache.
 
 On a CPU, FastDecoder compiles its step with inductor (``compile="default"``) and (1) writes attention's two products
 as broadcast sums that inductor fuses into loops (``Attention.fuse_attention``) instead of batched matmuls, (2) turns
-inductor's ``size_asserts`` off. This builds the step four ways on SmolLM2-135M-Instruct (with neither, each alone,
-both: the default), decodes a GSM8K dev prompt, and times blocks of ``--block`` tokens, the four interleaved over
-``--rounds`` rounds (medians), with a static cache of ``--cache`` positions.
+inductor's ``size_asserts`` off, (3) reads the static KV cache only up to the current token (a length marked dynamic,
+``LeanDecoder.bounded_attention``) rather than all of it. This builds the step five ways on SmolLM2-135M-Instruct
+(without (1) and (2), with each alone, with both; then with all three: the default), decodes a GSM8K dev prompt,
+and times blocks of ``--block`` tokens, the five interleaved over ``--rounds`` rounds (medians), with a static cache
+of ``--cache`` positions (a fresh prompt halfway, so the cache never fills).
 
-    python benchmarks/step_options.py [--mode dense|cats|griffin] [--cache 160] [--rounds 12]
+    python benchmarks/step_options.py [--mode dense|cats|griffin] [--cache 160] [--rounds 12] [--block 5]
 
 Output: benchmarks/results/step_options.json (CPU model, threads, versions, commit) and a line per variant.
 """
@@ -32,20 +34,22 @@ from caprese_peft import CapreseConfig, FastDecoder  # noqa: E402
 from caprese_peft.data import chat_inputs, load_problems, user_message  # noqa: E402
 
 GSM8K = ROOT / ".." / "shared" / "data" / "gsm8k" / "train.jsonl"
-VARIANTS = {  # name: (attention as fused sums, inductor's size asserts)
-    "bmm, size asserts": (False, True),
-    "fused attention, size asserts": (True, True),
-    "bmm, no size asserts": (False, False),
-    "fused attention, no size asserts (default)": (True, False),
+VARIANTS = {  # name: (attention as fused sums, inductor's size asserts, the cache read up to the current token)
+    "bmm, size asserts, whole cache": (False, True, False),
+    "fused attention, size asserts, whole cache": (True, True, False),
+    "bmm, no size asserts, whole cache": (False, False, False),
+    "fused attention, no size asserts, whole cache": (True, False, False),
+    "fused attention, no size asserts, bounded cache (default)": (True, False, True),
 }
 
 
-def build(model, cache: int, fused: bool, asserts: bool) -> FastDecoder:
+def build(model, cache: int, fused: bool, asserts: bool, bounded: bool) -> FastDecoder:
     def compile_step(step):
         return torch.compile(step, fullgraph=True, options={"size_asserts": asserts})
 
     fast = FastDecoder(model, max_seq_len=cache, compile=compile_step)
     fast._build(1, cache)  # the lean step, so that its attention form can be set before anything compiles
+    fast.lean.bounded_attention = bounded
     for layer in fast.lean.layers:
         layer.attn.fuse_attention = fused
     return fast

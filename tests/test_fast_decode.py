@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch._dynamo.testing
 
 from caprese_peft import decode_impl
 from caprese_peft.fast_decode import FastDecoder
@@ -225,6 +226,30 @@ def test_cpp_wrapper_step_decodes_what_the_eager_step_decodes():
     ids, mask = random_prompts([5, 7])
     want = eager_decoder(model).generate(ids, mask, max_new_tokens=4)
     assert torch.equal(FastDecoder(model, compile="cpp-wrapper").generate(ids, mask, max_new_tokens=4), want)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
+def test_a_cpu_step_reads_only_the_slots_so_far_and_compiles_once_for_every_length(compiled):
+    """On a CPU the step's attention reads the first ``slot + 1`` positions of the static cache, a length marked
+    dynamic: slots past the current token, poisoned with NaN, leave the logits finite, and one compiled graph serves
+    every length."""
+    torch._dynamo.reset()
+    model = build("llama", dict(backbone="cats", layers_to_transform=[1, 3]))  # dense and CATS layers
+    ids, mask = random_prompts([5, 7])
+    want = eager_decoder(model).generate(ids, mask, max_new_tokens=6)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compile = (lambda f: torch.compile(f, backend=counter, fullgraph=True)) if compiled else "none"
+    decoder = FastDecoder(model, compile=compile, max_seq_len=64)
+    assert torch.equal(decoder.generate(ids, mask, max_new_tokens=6), want)
+    width = ids.shape[1]
+    decoder.prefill(ids, mask)
+    for layer in decoder.lean.layers:  # what a step must never read: the slots after the token it writes
+        layer.attn.k_cache[:, :, width + 1 :] = float("nan")
+        layer.attn.v_cache[:, :, width + 1 :] = float("nan")
+    logits = decoder.decode_one_token(want[:, width])
+    assert torch.isfinite(logits).all()
+    assert torch.equal(logits.argmax(-1), want[:, width + 1])
+    assert counter.frame_count == (1 if compiled else 0)  # 5 lengths, then a new prompt: no recompilation
 
 
 def test_inductor_step_writes_a_long_cache_in_place():

@@ -36,10 +36,15 @@ COMPILE_MODES = ("none", "default", "reduce-overhead", "cpp-wrapper")
 
 
 def _greedy_step(
-    lean: LeanDecoder, tokens: torch.Tensor, slot: torch.Tensor, positions: torch.Tensor
+    lean: LeanDecoder,
+    tokens: torch.Tensor,
+    slot: torch.Tensor,
+    positions: torch.Tensor,
+    keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``(B, V)`` fp32 and the greedy next tokens ``(B,)`` of one decode step."""
-    logits = lean(tokens, slot, positions)
+    """Logits ``(B, V)`` fp32 and the greedy next tokens ``(B,)`` of one decode step (``keys``: see
+    ``LeanDecoder.forward``)."""
+    logits = lean(tokens, slot, positions, keys)
     return logits, logits.argmax(dim=-1)
 
 
@@ -301,6 +306,7 @@ class FastDecoder:
             raise RuntimeError("Call prefill(...) before decode_one_token(...).")
         if tokens.shape != (self.lean.batch_size,):
             raise ValueError(f"tokens must be ({self.lean.batch_size},), one per sequence; got {tuple(tokens.shape)}.")
+        tokens = tokens.contiguous()  # a column of a (B, n) tensor would otherwise cost a recompilation (its stride)
         slot = int(self._slot_host)
         if slot >= self.lean.max_seq_len:
             raise ValueError(f"The static cache holds {self.lean.max_seq_len} positions and is full.")
@@ -308,22 +314,36 @@ class FastDecoder:
             self.lean.finish_load()
         if self.compile == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
+        keys = self._keys(slot)
         if self._pad_times is None:
-            logits, next_tokens = self._call_step(self._step, self.lean, tokens, self._slot, self._positions)
+            logits, next_tokens = self._call_step(self._step, self.lean, tokens, self._slot, self._positions, keys)
         else:
-            logits, next_tokens = self._choosing_padding(tokens)
+            logits, next_tokens = self._choosing_padding(tokens, keys)
         self._slot = self._slot + 1
         self._slot_host += 1
         self._positions = self._positions + 1
         return logits, next_tokens
 
-    def _choosing_padding(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _keys(self, slot: int) -> torch.Tensor | None:
+        """The cache slots the step's attention reads (``LeanDecoder.forward``): on a CPU the first ``slot + 1``, a
+        length marked dynamic so that one compiled step serves every length and a step costs what the tokens so far
+        cost (reading all of a 1100-position cache made SmolLM2's dense step 17% slower); elsewhere None, the whole
+        cache, the static shapes a CUDA graph replays."""
+        if self.device.type != "cpu" or not self.lean.bounded_attention:
+            return None
+        keys = self.lean.key_slots[: slot + 1]
+        torch._dynamo.mark_dynamic(keys, 0)
+        return keys
+
+    def _choosing_padding(
+        self, tokens: torch.Tensor, keys: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One step while the padding is being chosen: two warm-up steps, then ``PAD_TRIALS`` timed steps with each
         padding in turn; then the padding of the fastest median is kept (see ``_padded_call``)."""
         trial = self._steps_taken - 2
         index = trial % len(STEP_CALLS) if trial >= 0 else 0
         start = time.perf_counter()
-        out = STEP_CALLS[index](self._step, self.lean, tokens, self._slot, self._positions)
+        out = STEP_CALLS[index](self._step, self.lean, tokens, self._slot, self._positions, keys)
         if trial >= 0:
             self._pad_times[index].append(time.perf_counter() - start)
         self._steps_taken += 1

@@ -409,19 +409,22 @@ class Attention(nn.Module):
         # query heads grouped by the key/value head they share (transformers' repeat_kv order), so the cache is
         # read once per KV head rather than copied per query head
         q = q.reshape(batch, self.kv_heads, self.heads // self.kv_heads, self.head_dim)  # (B, Hkv, G, hd)
+        # the first n slots of the cache, those visible may hold (all of them unless the step was given fewer)
+        n = visible.shape[-1]
+        keys, values = self.k_cache[:, :, :n], self.v_cache[:, :, :n]
         # compiled for a CPU, the two products as broadcast sums: inductor fuses each into one loop over the cache,
         # where a batched matmul per layer and product costs ~45 us of library dispatch for a few KFLOPs
         fused = self.fuse_attention and x.device.type == "cpu" and torch.compiler.is_compiling()
         if fused:
-            scores = (q[:, :, :, None] * self.k_cache[:, :, None]).sum(-1)  # (B, Hkv, G, S)
+            scores = (q[:, :, :, None] * keys[:, :, None]).sum(-1)  # (B, Hkv, G, n)
         else:
-            scores = torch.matmul(q, self.k_cache.transpose(2, 3))
+            scores = torch.matmul(q, keys.transpose(2, 3))
         scores = (scores * self.scaling).masked_fill(~visible, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         if fused:
-            out = (probs[..., None] * self.v_cache[:, :, None]).sum(-2)  # (B, Hkv, G, hd)
+            out = (probs[..., None] * values[:, :, None]).sum(-2)  # (B, Hkv, G, hd)
         else:
-            out = torch.matmul(probs, self.v_cache)
+            out = torch.matmul(probs, values)
         return gemv(out.reshape(batch, 1, self.heads * self.head_dim), self.o, self.o_bias, self.cpu_gemv)
 
     def weight_bytes(self) -> int:
@@ -475,6 +478,8 @@ class LeanDecoder(nn.Module):
         self.cpu_gemv = cpu_gemv
         for layer in self.layers:
             layer.attn.cpu_gemv = cpu_gemv
+        # FastDecoder on a CPU passes the step the cache slots up to the current token (forward's keys); False: all
+        self.bounded_attention = True
         # under torch.compile, trace one decoder layer and reuse its code for the others of the same structure
         self.compile_layers_once = True
         object.__setattr__(self, "_layer_once", _compiled_once())
@@ -528,16 +533,23 @@ class LeanDecoder(nn.Module):
                 layer.ff.pack()
         self.load_pending = False
 
-    def forward(self, tokens: torch.Tensor, slot: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, slot: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits ``(B, V)`` in fp32 of one token per sequence: ``tokens (B,)`` written at cache ``slot (1,)``.
 
         ``positions (B,)`` are the rotary positions (the number of real tokens before this one in each row).
+        ``keys``: ``key_slots[:n]`` for an ``n > slot``: attention reads only the first ``n`` slots of the cache, so a
+        step costs what the tokens so far cost rather than what the buffers hold (``n`` marked dynamic, one compiled
+        step serves every length); None reads them all (static shapes, as CUDA graphs need).
         """
+        keys = self.key_slots if keys is None else keys
+        n = keys.shape[0]
         h = F.embedding(tokens, self.embed)[:, None]  # (B, 1, D)
         cos, sin = self.cos[positions][:, None, None], self.sin[positions][:, None, None]  # (B, 1, 1, hd)
         # a key is visible if it is a real prompt token or a generated token up to this one
-        generated = (self.key_slots >= self.prompt_width) & (self.key_slots <= slot)  # (S,)
-        visible = (self.prompt_visible | generated)[:, None, None]  # (B, 1, 1, S)
+        generated = (keys >= self.prompt_width) & (keys <= slot)  # (n,)
+        visible = (self.prompt_visible[:, :n] | generated)[:, None, None]  # (B, 1, 1, n)
         run = self._layer_once if self.compile_layers_once else _layer
         for layer in self.layers:
             h = run(layer, h, cos, sin, slot, visible)
