@@ -564,7 +564,8 @@ class LeanDecoder(nn.Module):
         return total
 
     def cache_bytes(self) -> int:
-        """Bytes of KV cache one step reads: the whole static cache (unused slots are masked, not skipped)."""
+        """Bytes of KV cache a step given no ``keys`` reads: the whole static cache (unused slots masked, not skipped),
+        as on CUDA; a CPU step reads its slots up to the current token only (``forward``'s ``keys``)."""
         return sum(layer.attn.cache_bytes() for layer in self.layers)
 
     def extra_bytes(self, model: nn.Module) -> int:
