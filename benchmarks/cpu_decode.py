@@ -243,7 +243,8 @@ def summarize(
 ) -> dict:
     """Each mode's best form against dense's best form, per batch size: TTNT, speed-up; TTFT and the first decode
     step from the interleaved prefills of every mode's default form; the speed-up of a whole ``tokens``-token
-    generation."""
+    generation. ``round_speed_ups``: the quartiles of dense's block over the mode's block of the same round (the two
+    timed within a second or two of each other), which a slow spell spanning rounds does not move."""
     best, lines = {}, []
     for batch in batches:
         for mode in MODES:
@@ -260,10 +261,13 @@ def summarize(
             whole = first + step + (tokens - 2) * row["ttnt_ms"]
             whole_dense = first_dense + step_dense + (tokens - 2) * dense["ttnt_ms"]
             row["generation_speed_up"] = round(whole_dense / whole, 3)
+            paired = [d / m for d, m in zip(dense["block_ms"], row["block_ms"])]
+            row["round_speed_ups"] = [round(q, 3) for q in statistics.quantiles(paired, n=4)]
             lines.append(
                 f"batch {batch} {mode:<12} best {row['form']:<16} TTNT {row['ttnt_ms']:6.2f} ms ({row['x_floor']:.2f}x floor)"
                 f"  speed-up {dense['ttnt_ms'] / row['ttnt_ms']:.3f}x  TTFT {first:.1f} ms ({first / first_dense:.3f}x dense)"
                 f"  first step {step:.1f} ms  {tokens} tokens {whole_dense / whole:.3f}x"
+                f"  per round {row['round_speed_ups'][1]:.3f}x ({row['round_speed_ups'][0]:.3f}-{row['round_speed_ups'][2]:.3f})"
             )
     return {
         "best": {f"{m} batch {b}": r for (m, b), r in best.items()},

@@ -87,3 +87,17 @@ def test_the_prepared_gpu_check_smoke(tmp_path):
     assert "| caprese-cats |" in summary and "| hf-dense |" in summary and "caprese_triton" in summary
     assert "met: " in summary  # a verdict line per target
     assert json.loads((tmp_path / "meta.json").read_text())["commit"]
+
+
+def test_cpu_decode_pairs_each_variant_s_blocks_with_dense_s_of_the_same_round():
+    """``cpu_decode.summarize``: the speed-up of medians, and the quartiles of the per-round ratios, each round's
+    dense block over the variant's; a slow round slows both and leaves its ratio alone."""
+    rows = [
+        {"mode": "dense", "batch": 1, "form": "f", "ttnt_ms": 20.0, "x_floor": 1.3, "block_ms": [20, 40, 20, 20, 40]},
+        {"mode": "cats", "batch": 1, "form": "f", "ttnt_ms": 16.0, "x_floor": 1.3, "block_ms": [16, 32, 16, 20, 32]},
+    ]
+    timing = {1: {"dense": 100.0, "cats": 100.0}}
+    summary = load("cpu_decode").summarize(rows, [1], timing, timing, tokens=10)
+    cats = summary["best"]["cats batch 1"]
+    assert cats["round_speed_ups"][1] == 1.25  # the median of 1.25, 1.25, 1.25, 1, 1.25
+    assert cats["round_speed_ups"][0] < 1.25 and "per round 1.250x" in summary["lines"][1]

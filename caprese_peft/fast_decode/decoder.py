@@ -326,18 +326,16 @@ class FastDecoder:
 
     def _keys(self, slot: int) -> torch.Tensor | None:
         """The cache slots the step's attention reads (``LeanDecoder.forward``): on a CPU the first ``slot + 1``, a
-        length marked dynamic so that one compiled step serves every length and a step costs what the tokens so far
-        cost (reading all of a 1100-position cache made SmolLM2's dense step 17% slower); elsewhere None, the whole
-        cache, the static shapes a CUDA graph replays."""
+        length marked dynamic, so that one compiled step serves every length and a step costs what the tokens so far
+        cost (benchmarks/step_options.py: SmolLM2's dense step 7% faster in a 600-position cache); elsewhere None,
+        the whole cache: the static shapes a CUDA graph replays."""
         if self.device.type != "cpu" or not self.lean.bounded_attention:
             return None
         keys = self.lean.key_slots[: slot + 1]
         torch._dynamo.mark_dynamic(keys, 0)
         return keys
 
-    def _choosing_padding(
-        self, tokens: torch.Tensor, keys: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _choosing_padding(self, tokens: torch.Tensor, keys: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """One step while the padding is being chosen: two warm-up steps, then ``PAD_TRIALS`` timed steps with each
         padding in turn; then the padding of the fastest median is kept (see ``_padded_call``)."""
         trial = self._steps_taken - 2
