@@ -6,8 +6,10 @@ the values of L and R) and each batch size, FastDecoders are built in every form
 
 - ``torch``: the lean step on torch's own ops (MKL's GEMV), eager; ``torch-compiled``: the same under inductor;
 - ``ops``: the C++ ops of ``caprese_peft.kernels.cpu_ff`` for every GEMV and FF block, eager; ``ops-compiled``: under
-  inductor (FastDecoder's default on a CPU); ``ff-ops-compiled``: the ops for the FF blocks only;
-  ``ops-cpp-wrapper``: ``ops-compiled`` with inductor's ``cpp_wrapper`` (C++ instead of Python between kernels).
+  inductor; ``ff-ops-compiled``: the ops for the FF blocks only; ``ops-cpp-wrapper``: ``ops-compiled`` with
+  inductor's ``cpp_wrapper`` (C++ instead of Python between kernels);
+- ``ops-blocks``: no compilation, each layer's attention and FF halves one C++ call each (``compile="blocks"``,
+  FastDecoder's default on a CPU).
 
 All are prefilled with the same GSM8K dev prompts; decode steps are timed in blocks of
 ``--block`` tokens, the blocks of every mode and form interleaved over ``--rounds`` rounds (so that a slower spell of
@@ -55,6 +57,8 @@ FORMS = {  # name: (FastDecoder options, the C++ GEMV for attention and the lm_h
     "torch-compiled": (dict(compile="default", use_kernels=False), False),
     "ops": (dict(compile="none"), True),
     "ops-compiled": (dict(compile="default"), True),
+    # no compilation: two C++ calls per layer (attention_block, ff_block), FastDecoder's default on a CPU
+    "ops-blocks": (dict(compile="blocks"), True),
     "ff-ops-compiled": (dict(compile="default"), False),
     # ops-compiled with inductor's C++ wrapper: no Python between the step's kernels, a much longer first compile
     "ops-cpp-wrapper": (

@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -749,6 +750,251 @@ at::Tensor gated_ff_cpu(const at::Tensor& x, const at::Tensor& gate, const at::T
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
+// ---- decode blocks: each half of a decoder layer in one call (the chain of calls a CPU decode step makes:
+// per layer attention_block, then ff_block; norm_linear for the head). Each reproduces the torch step of
+// caprese_peft.fast_decode.lean (its specification) in fp32, rounding to the model's dtype T where that step
+// stores a T tensor. A step compiled by inductor spends about 4 ms of SmolLM2's 25 outside the ops, in the small
+// kernels and dispatch between them; these calls leave Python a loop over layers. ----
+
+// one value rounded to T and back
+template <typename T>
+inline float rt(float v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    return static_cast<float>(static_cast<T>(v));
+  }
+}
+
+// out (n) = the RMSNorm of h (n) with weight w, as lean.rms_norm computes it in T: statistics in fp32, the
+// normalised values rounded to T, then scaled by the weight in T
+template <typename T>
+void rms_norm_row(const T* h, const T* w, int64_t n, double eps, float* out) {
+  float sum = 0.0f;
+  for (int64_t k = 0; k < n; ++k) sum += static_cast<float>(h[k]) * static_cast<float>(h[k]);
+  const float r = 1.0f / std::sqrt(sum / static_cast<float>(n) + static_cast<float>(eps));
+  for (int64_t k = 0; k < n; ++k) out[k] = rt<T>(static_cast<float>(w[k]) * rt<T>(static_cast<float>(h[k]) * r));
+}
+
+// the same on fp32 values already rounded to T (a head's query or key, lean's q_norm and k_norm)
+template <typename T>
+void rms_norm_inplace(float* v, const T* w, int64_t n, double eps) {
+  float sum = 0.0f;
+  for (int64_t k = 0; k < n; ++k) sum += v[k] * v[k];
+  const float r = 1.0f / std::sqrt(sum / static_cast<float>(n) + static_cast<float>(eps));
+  for (int64_t k = 0; k < n; ++k) v[k] = rt<T>(static_cast<float>(w[k]) * rt<T>(v[k] * r));
+}
+
+// rotary embedding of v (hd) in place, the rotate-half convention of lean.apply_rope: v * cos + rotated * sin
+template <typename T>
+void rope_inplace(float* v, const T* cos, const T* sin, int64_t hd, float* tmp) {
+  const int64_t half = hd / 2;
+  for (int64_t k = 0; k < hd; ++k) tmp[k] = k < half ? -v[k + half] : v[k - half];
+  for (int64_t k = 0; k < hd; ++k)
+    v[k] = rt<T>(rt<T>(v[k] * static_cast<float>(cos[k])) + rt<T>(tmp[k] * static_cast<float>(sin[k])));
+}
+
+template <typename T>
+inline float dot_row(const float* q, const T* k, int64_t n) {
+  Vec acc = vzero();
+  int64_t d = 0;
+  for (; d + kWidth <= n; d += kWidth) acc = vfma(vload(q + d), vload(k + d), acc);
+  float s = vsum(acc);
+  for (; d < n; ++d) s += q[d] * static_cast<float>(k[d]);
+  return s;
+}
+
+template <typename T>
+inline void axpy_row(float* out, float c, const T* v, int64_t n) {
+  const Vec cv = vset1(c);
+  int64_t d = 0;
+  for (; d + kWidth <= n; d += kWidth) vstore(out + d, vfma(cv, vload(v + d), vload(out + d)));
+  for (; d < n; ++d) out[d] += c * static_cast<float>(v[d]);
+}
+
+template <typename T>
+inline void store_row(T* dst, const float* src, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<T>(src[k]);
+}
+
+void check_block_tensor(const at::Tensor& t, at::ScalarType dtype, std::initializer_list<int64_t> shape,
+                        const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous(), "caprese_cpu::", op, ": ", name,
+              " must be a contiguous ", dtype, " tensor on the CPU, got ", t.scalar_type(), " ", t.sizes());
+  TORCH_CHECK(t.dim() == static_cast<int64_t>(shape.size()), "caprese_cpu::", op, ": ", name, " must have ",
+              shape.size(), " dimensions, got ", t.sizes());
+  int64_t i = 0;
+  for (int64_t size : shape) {
+    TORCH_CHECK(size < 0 || t.size(i) == size, "caprese_cpu::", op, ": ", name, " has shape ", t.sizes(),
+                "; dimension ", i, " must be ", size);
+    ++i;
+  }
+}
+
+void check_optional(const c10::optional<at::Tensor>& t, at::ScalarType dtype, int64_t size, const char* op,
+                    const char* name) {
+  if (t.has_value()) check_block_tensor(*t, dtype, {size}, op, name);
+}
+
+// h + o(attention(rope(q), rope(k) and v written at slot)), q, k, v = qkv(rms_norm(h)): one decode token per row
+// of h (B, D) over the KV cache (B, Hkv, S, hd), whose slots 0..slot it reads. Key j is visible to row b where
+// prompt_visible[b, j] (a real prompt token) or j >= prompt_width (a generated one). Query head i shares key and
+// value head i / (heads / Hkv) (transformers' repeat_kv order). cos, sin (S', hd): rotary tables indexed by
+// positions (B,).
+at::Tensor attention_block_cpu(const at::Tensor& h, const at::Tensor& positions, int64_t slot,
+                               const at::Tensor& norm_weight, double eps, const at::Tensor& qkv,
+                               const c10::optional<at::Tensor>& qkv_bias, const c10::optional<at::Tensor>& q_norm,
+                               const c10::optional<at::Tensor>& k_norm, double qk_eps, const at::Tensor& cos,
+                               const at::Tensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                               const at::Tensor& prompt_visible, int64_t prompt_width, const at::Tensor& o,
+                               const c10::optional<at::Tensor>& o_bias, int64_t heads, double scaling) {
+  constexpr const char* op = "attention_block";
+  TORCH_CHECK(h.dim() == 2, "caprese_cpu::attention_block: h must be (B, D), got ", h.sizes());
+  const at::ScalarType dtype = h.scalar_type();
+  const int64_t batch = h.size(0), hidden = h.size(1);
+  TORCH_CHECK(k_cache.dim() == 4, "caprese_cpu::attention_block: k_cache must be (B, Hkv, S, hd), got ",
+              k_cache.sizes());
+  const int64_t kv_heads = k_cache.size(1), seq = k_cache.size(2), hd = k_cache.size(3);
+  TORCH_CHECK(heads > 0 && heads % kv_heads == 0, "caprese_cpu::attention_block: ", heads,
+              " query heads do not share ", kv_heads, " key/value heads evenly");
+  const int64_t q_size = heads * hd, kv_size = kv_heads * hd, n_qkv = q_size + 2 * kv_size;
+  check_block_tensor(h, dtype, {batch, hidden}, op, "h");
+  check_block_tensor(positions, at::kLong, {batch}, op, "positions");
+  check_block_tensor(norm_weight, dtype, {hidden}, op, "norm_weight");
+  check_block_tensor(qkv, dtype, {n_qkv, hidden}, op, "qkv");
+  check_optional(qkv_bias, dtype, n_qkv, op, "qkv_bias");
+  check_optional(q_norm, dtype, hd, op, "q_norm");
+  check_optional(k_norm, dtype, hd, op, "k_norm");
+  TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "caprese_cpu::attention_block: q_norm and k_norm go together");
+  check_block_tensor(cos, dtype, {-1, hd}, op, "cos");
+  check_block_tensor(sin, dtype, {cos.size(0), hd}, op, "sin");
+  check_block_tensor(k_cache, dtype, {batch, kv_heads, seq, hd}, op, "k_cache");
+  check_block_tensor(v_cache, dtype, {batch, kv_heads, seq, hd}, op, "v_cache");
+  check_block_tensor(prompt_visible, at::kBool, {batch, seq}, op, "prompt_visible");
+  check_block_tensor(o, dtype, {hidden, q_size}, op, "o");
+  check_optional(o_bias, dtype, hidden, op, "o_bias");
+  TORCH_CHECK(hd % 2 == 0, "caprese_cpu::attention_block: the head size must be even for rotary, got ", hd);
+  TORCH_CHECK(slot >= 0 && slot < seq && prompt_width >= 0 && prompt_width <= slot,
+              "caprese_cpu::attention_block: need 0 <= prompt_width <= slot < ", seq, ", got prompt_width ",
+              prompt_width, " and slot ", slot);
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b)
+    TORCH_CHECK(pos[b] >= 0 && pos[b] < cos.size(0), "caprese_cpu::attention_block: position ", pos[b],
+                " is outside the rotary tables (", cos.size(0), " positions)");
+  at::Tensor out = at::empty({batch, hidden}, h.options());
+  with_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* hp = h.data_ptr<T>();
+    std::vector<float> xn(batch * hidden), proj(batch * n_qkv), attn(batch * q_size), tmp(hd);
+    for (int64_t b = 0; b < batch; ++b)
+      rms_norm_row(hp + b * hidden, norm_weight.data_ptr<T>(), hidden, eps, xn.data() + b * hidden);
+    linear_impl(xn.data(), batch, qkv.data_ptr<T>(), n_qkv, hidden, proj.data());
+    const T* qkv_b = qkv_bias.has_value() ? qkv_bias->data_ptr<T>() : nullptr;
+    T* kc = k_cache.data_ptr<T>();
+    T* vc = v_cache.data_ptr<T>();
+    for (int64_t b = 0; b < batch; ++b) {
+      float* p = proj.data() + b * n_qkv;
+      for (int64_t k = 0; k < n_qkv; ++k) p[k] = qkv_b != nullptr ? rt<T>(rt<T>(p[k]) + static_cast<float>(qkv_b[k]))
+                                                                  : rt<T>(p[k]);
+      const T* c = cos.data_ptr<T>() + pos[b] * hd;
+      const T* s = sin.data_ptr<T>() + pos[b] * hd;
+      for (int64_t i = 0; i < heads + kv_heads; ++i) {  // the query heads, then the key heads
+        float* v = p + i * hd;
+        if (q_norm.has_value()) rms_norm_inplace(v, (i < heads ? q_norm : k_norm)->data_ptr<T>(), hd, qk_eps);
+        rope_inplace(v, c, s, hd, tmp.data());
+      }
+      for (int64_t g = 0; g < kv_heads; ++g) {
+        const int64_t at_slot = ((b * kv_heads + g) * seq + slot) * hd;
+        store_row(kc + at_slot, p + q_size + g * hd, hd);
+        store_row(vc + at_slot, p + q_size + kv_size + g * hd, hd);
+      }
+    }
+    const int64_t group = heads / kv_heads, n = slot + 1;
+    const bool* visible = prompt_visible.data_ptr<bool>();
+    const float scale = static_cast<float>(scaling);
+    // one task per (row, query head); a head's keys and values are its slots' contiguous rows
+    at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> score(n);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / heads, i = task % heads;
+        const float* q = proj.data() + b * n_qkv + i * hd;
+        const int64_t base = (b * kv_heads + i / group) * seq * hd;
+        const T* keys = kc + base;
+        const T* values = vc + base;
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < n; ++j) {
+          const bool seen = j >= prompt_width || visible[b * seq + j];
+          score[j] = seen ? rt<T>(rt<T>(dot_row(q, keys + j * hd, hd)) * scale) : -std::numeric_limits<float>::infinity();
+          top = std::max(top, score[j]);
+        }
+        float total = 0.0f;
+        for (int64_t j = 0; j < n; ++j) {
+          score[j] = std::exp(score[j] - top);  // exp(-inf) = 0 for the masked keys
+          total += score[j];
+        }
+        float* a = attn.data() + b * q_size + i * hd;
+        std::fill(a, a + hd, 0.0f);
+        for (int64_t j = 0; j < n; ++j)
+          if (score[j] != 0.0f) axpy_row(a, rt<T>(score[j] / total), values + j * hd, hd);
+        for (int64_t k = 0; k < hd; ++k) a[k] = rt<T>(a[k]);
+      }
+    });
+    linear_impl(attn.data(), batch, o.data_ptr<T>(), hidden, q_size, xn.data());  // xn is free again: o(attn)
+    const T* o_b = o_bias.has_value() ? o_bias->data_ptr<T>() : nullptr;
+    T* dst = out.data_ptr<T>();
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t k = 0; k < hidden; ++k) {
+        float y = rt<T>(xn[b * hidden + k]);
+        if (o_b != nullptr) y = rt<T>(y + static_cast<float>(o_b[k]));
+        dst[b * hidden + k] = static_cast<T>(static_cast<float>(hp[b * hidden + k]) + y);
+      }
+    }
+  });
+  return out;
+}
+
+// rms_norm(h) (B, D) in h's dtype, as lean.rms_norm computes it
+at::Tensor normed(const at::Tensor& h, const at::Tensor& norm_weight, double eps, const char* op) {
+  TORCH_CHECK(h.dim() == 2, "caprese_cpu::", op, ": h must be (B, D), got ", h.sizes());
+  check_block_tensor(h, h.scalar_type(), {h.size(0), h.size(1)}, op, "h");
+  check_block_tensor(norm_weight, h.scalar_type(), {h.size(1)}, op, "norm_weight");
+  at::Tensor x = at::empty_like(h);
+  with_dtype(h.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    std::vector<float> row(h.size(1));
+    for (int64_t b = 0; b < h.size(0); ++b) {
+      rms_norm_row(h.data_ptr<T>() + b * h.size(1), norm_weight.data_ptr<T>(), h.size(1), eps, row.data());
+      store_row(x.data_ptr<T>() + b * h.size(1), row.data(), h.size(1));
+    }
+  });
+  return x;
+}
+
+// h + gated_ff(rms_norm(h), ...): a decoder layer's FF half; the arguments after eps are gated_ff's after x
+at::Tensor ff_block_cpu(const at::Tensor& h, const at::Tensor& norm_weight, double eps, const at::Tensor& gate,
+                        const at::Tensor& up, const at::Tensor& low_up, const at::Tensor& down_t,
+                        const at::Tensor& low_down, const c10::optional<at::Tensor>& threshold,
+                        const c10::optional<at::Tensor>& keep, c10::string_view activation,
+                        const c10::optional<at::Tensor>& stand_up, const c10::optional<at::Tensor>& stand_down,
+                        const c10::optional<at::Tensor>& stand_scale, const c10::optional<at::Tensor>& stand_gate) {
+  const at::Tensor x = normed(h, norm_weight, eps, "ff_block");
+  at::Tensor out = gated_ff_cpu(x, gate, up, low_up, down_t, low_down, threshold, keep, activation, stand_up,
+                                stand_down, stand_scale, stand_gate);
+  with_dtype(h.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    T* y = out.data_ptr<T>();
+    const T* hp = h.data_ptr<T>();
+    for (int64_t k = 0; k < h.numel(); ++k) y[k] = static_cast<T>(static_cast<float>(hp[k]) + static_cast<float>(y[k]));
+  });
+  return out;
+}
+
+// the head: rms_norm(h) @ weight^T (B, V), fp32 logits of values rounded to h's dtype (lean's gemv then .float())
+at::Tensor norm_linear_cpu(const at::Tensor& h, const at::Tensor& norm_weight, double eps, const at::Tensor& weight) {
+  at::Tensor logits = linear_cpu(normed(h, norm_weight, eps, "norm_linear"), weight);
+  return logits.scalar_type() == at::kFloat ? logits : logits.to(at::kFloat);
+}
+
 // ---- prompt statistics: what a prefill computes per layer for the backbones (the specifications are
 // caprese_peft.backbones.cats.cats_thresholds and caprese_peft.backbones.griffin's griffin_scores and top_neurons).
 // One call per layer: a prefill runs them right after the block's large matrix products, where each of the dozen
@@ -974,6 +1220,16 @@ TORCH_LIBRARY(caprese_cpu, m) {
       "Tensor? stand_gate=None) -> Tensor");
   m.def("cats_threshold(Tensor gate, Tensor token_mask, Tensor draws, int sample, float density) -> Tensor");
   m.def("griffin_select(Tensor z, Tensor token_mask, int k) -> (Tensor, Tensor)");
+  m.def(
+      "attention_block(Tensor h, Tensor positions, int slot, Tensor norm_weight, float eps, Tensor qkv, "
+      "Tensor? qkv_bias, Tensor? q_norm, Tensor? k_norm, float qk_eps, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
+      "Tensor(b!) v_cache, Tensor prompt_visible, int prompt_width, Tensor o, Tensor? o_bias, int heads, "
+      "float scaling) -> Tensor");
+  m.def(
+      "ff_block(Tensor h, Tensor norm_weight, float eps, Tensor gate, Tensor up, Tensor low_up, Tensor down_t, "
+      "Tensor low_down, Tensor? threshold, Tensor? keep, str activation, Tensor? stand_up=None, "
+      "Tensor? stand_down=None, Tensor? stand_scale=None, Tensor? stand_gate=None) -> Tensor");
+  m.def("norm_linear(Tensor h, Tensor norm_weight, float eps, Tensor weight) -> Tensor");
   m.def("isa() -> str", &isa);
 }
 
@@ -982,4 +1238,7 @@ TORCH_LIBRARY_IMPL(caprese_cpu, CPU, m) {
   m.impl("gated_ff", &gated_ff_cpu);
   m.impl("cats_threshold", &cats_threshold_cpu);
   m.impl("griffin_select", &griffin_select_cpu);
+  m.impl("attention_block", &attention_block_cpu);
+  m.impl("ff_block", &ff_block_cpu);
+  m.impl("norm_linear", &norm_linear_cpu);
 }

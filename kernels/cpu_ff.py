@@ -14,6 +14,10 @@ registers ``torch.library`` ops, so ``torch.compile`` traces them as opaque call
   ``stand_up, stand_down, stand_scale, stand_gate`` (``StandIn4``) add the neurons a row drops from 4-bit copies of
   their up and down rows (``CapreseConfig.stand_in_bits=4``), and with a keep mask (GRIFFIN) of their gate rows,
   read only for neurons some row drops;
+- ``torch.ops.caprese_cpu.attention_block``, ``ff_block`` and ``norm_linear``: a decoder layer's attention half
+  (norm, q/k/v, rotary, cache write, attention over the slots so far, o projection, residual), its FF half (norm,
+  ``gated_ff``, residual) and the head, each in one call, so that a decode step is a chain of calls
+  (``caprese_peft.fast_decode.lean.LeanDecoder.block_step``; its torch step ``forward`` is the specification);
 - ``torch.ops.caprese_cpu.cats_threshold`` and ``griffin_select``: the statistics a prefill computes per layer
   (``cats_threshold``, ``griffin_select`` below; specifications ``caprese_peft.backbones.cats.cats_thresholds`` and
   ``caprese_peft.backbones.griffin``'s ``griffin_scores``, ``top_neurons``), which ``Cats.calibrate`` and
@@ -131,6 +135,18 @@ def _register_fakes() -> None:
         stand_scale=None, stand_gate=None,
     ) -> torch.Tensor:  # fmt: skip
         return torch.empty_like(x)
+
+    @torch.library.register_fake("caprese_cpu::attention_block")
+    def _attention_block_fake(h, positions, slot, norm_weight, eps, qkv, *rest) -> torch.Tensor:
+        return torch.empty_like(h)
+
+    @torch.library.register_fake("caprese_cpu::ff_block")
+    def _ff_block_fake(h, norm_weight, eps, *rest) -> torch.Tensor:
+        return torch.empty_like(h)
+
+    @torch.library.register_fake("caprese_cpu::norm_linear")
+    def _norm_linear_fake(h, norm_weight, eps, weight) -> torch.Tensor:
+        return h.new_empty(h.shape[0], weight.shape[0], dtype=torch.float32)
 
     @torch.library.register_fake("caprese_cpu::cats_threshold")
     def _cats_threshold_fake(gate, token_mask, draws, sample, density) -> torch.Tensor:

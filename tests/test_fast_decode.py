@@ -10,7 +10,7 @@ import torch._dynamo.testing
 
 from caprese_peft import decode_impl
 from caprese_peft.fast_decode import FastDecoder
-from caprese_peft.fast_decode.decoder import cpu_ops_available
+from caprese_peft.fast_decode.decoder import _block_step, cpu_ops_available
 
 from conftest import greedy, layers_of, random_prompts, tiny_model, wrap
 
@@ -27,6 +27,7 @@ CASES = {  # name: (adapter options or None for the plain model, FastDecoder mod
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+needs_ops = pytest.mark.skipif(not cpu_ops_available(), reason="the C++ CPU ops could not be built here")
 
 
 def eager_decoder(model, **options) -> FastDecoder:
@@ -149,10 +150,93 @@ def test_extra_memory_is_what_each_variant_copies():
     )
 
 
-def test_a_cpu_compiles_the_step_with_inductor_by_default():
+def test_a_cpu_runs_the_chain_of_block_ops_by_default_and_inductor_without_the_ops():
     decoder = FastDecoder(tiny_model("llama"), mode="dense")
-    assert decoder.compile == "default" and not decoder.compile_layers_once
     assert decoder.cpu_ops == cpu_ops_available()
+    assert decoder.compile == ("blocks" if decoder.cpu_ops else "default") and not decoder.compile_layers_once
+    assert FastDecoder(tiny_model("llama"), mode="dense", use_kernels=False).compile == "default"
+
+
+@needs_ops
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("arch", LEAN_ARCHITECTURES)
+def test_the_chain_of_block_ops_decodes_what_generate_decodes(arch, case):
+    """compile="blocks": each layer's attention and FF halves in one C++ call each (odd sizes: D 48, head size 12;
+    Qwen2's q/k/v biases, Qwen3's q/k norms, grouped KV heads, left padding, batch 3)."""
+    options, mode = CASES[case]
+    model = build(arch, options)
+    ids, mask = random_prompts([7, 3, 9])
+    decoder = FastDecoder(model, mode=mode, compile="blocks")
+    assert torch.equal(
+        decoder.generate(ids, mask, max_new_tokens=NEW_TOKENS), reference_generate(model, mode, ids, mask)
+    )
+    assert decoder._step is _block_step
+    ids, mask = random_prompts([5, 8, 2], seed=4)  # another prompt batch in the same buffers
+    assert torch.equal(decoder.generate(ids, mask, max_new_tokens=4), reference_generate(model, mode, ids, mask, 4))
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", ["plain-dense", "cats-caprese", "griffin-caprese"])
+def test_a_block_step_computes_the_torch_step_s_logits_and_cache(case, dtype):
+    """``LeanDecoder.block_step`` against ``forward`` (its specification) on the same cache: logits, and the keys and
+    values written at the slot; in bf16 and fp16 the C++ calls round where the torch step stores a tensor."""
+    options, mode = CASES[case]
+    model = build("qwen3", options).to(dtype)  # q/k norms: every part of the attention block
+    ids, mask = random_prompts([7, 3, 9])
+    decoder = eager_decoder(model, mode=mode)
+    decoder.prefill(ids, mask, max_new_tokens=4)
+    lean, slot = decoder.lean, decoder._slot_host
+    lean.finish_load()
+    tokens = torch.tensor([5, 6, 7])
+    before = [(layer.attn.k_cache.clone(), layer.attn.v_cache.clone()) for layer in lean.layers]
+    want = lean(tokens, decoder._slot, decoder._positions, lean.key_slots[: slot + 1])
+    written = [(layer.attn.k_cache.clone(), layer.attn.v_cache.clone()) for layer in lean.layers]
+    for layer, (keys, values) in zip(lean.layers, before):
+        layer.attn.k_cache.copy_(keys)
+        layer.attn.v_cache.copy_(values)
+    got = lean.block_step(tokens, slot, decoder._positions)
+    tolerance = {} if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, want, **tolerance)
+    assert got.dtype == torch.float32 and torch.equal(got.argmax(-1), want.argmax(-1))
+    for layer, (keys, values) in zip(lean.layers, written):
+        torch.testing.assert_close(layer.attn.k_cache, keys, **tolerance)
+        torch.testing.assert_close(layer.attn.v_cache, values, **tolerance)
+    assert not torch.equal(written[0][0], before[0][0])  # the step did write its token
+
+
+@needs_ops
+def test_blocks_fall_back_to_inductor_by_default_and_refuse_when_asked_for():
+    """An activation the C++ ops do not know: the default form is inductor; compile="blocks" says why it cannot."""
+    model = tiny_model("llama", hidden_act="relu")
+    ids, mask = random_prompts([4, 6])
+    decoder = FastDecoder(model, mode="dense")
+    decoder.prefill(ids, mask)
+    assert decoder.compile == "default"
+    with pytest.raises(ValueError, match="compile='blocks' cannot run this model's step: layer 0's FF block"):
+        FastDecoder(model, mode="dense", compile="blocks").prefill(ids, mask)
+    with pytest.raises(ValueError, match="compile='blocks' runs the step through the C\\+\\+ CPU ops"):
+        FastDecoder(tiny_model("llama"), mode="dense", compile="blocks", use_kernels=False)
+
+
+@needs_ops
+def test_the_attention_block_op_checks_its_inputs():
+    decoder = FastDecoder(tiny_model("llama"), mode="dense", compile="blocks")
+    ids, mask = random_prompts([4, 6])
+    decoder.prefill(ids, mask, max_new_tokens=3)
+    lean = decoder.lean
+    lean.block_step(torch.tensor([3, 4]), decoder._slot_host, decoder._positions)
+    attention_args, _ = lean._blocks[0]
+    h = torch.randn(2, 48)
+    op = torch.ops.caprese_cpu.attention_block.default
+    with pytest.raises(RuntimeError, match="need 0 <= prompt_width <= slot < 9"):
+        op(h, decoder._positions, 9, *attention_args)
+    with pytest.raises(RuntimeError, match="position 300 is outside the rotary tables"):
+        op(h, torch.tensor([1, 300]), 7, *attention_args)
+    with pytest.raises(RuntimeError, match="h must be a contiguous Float tensor"):
+        op(h.t().contiguous().t(), decoder._positions, 7, *attention_args)
+    with pytest.raises(RuntimeError, match="qkv has shape"):
+        op(h, decoder._positions, 7, *attention_args[:2], attention_args[2][1:], *attention_args[3:])
 
 
 def test_padded_calls_hold_extra_locals_and_only_call():
@@ -170,7 +254,7 @@ def test_a_cpu_step_keeps_the_faster_of_two_paddings_after_timing_both():
     from caprese_peft.fast_decode.decoder import PAD_TRIALS, STEP_CALLS
 
     model = build("llama", dict(backbone="cats", layers_to_transform=[0, 2]))
-    decoder = FastDecoder(model, max_seq_len=40)  # the CPU default: inductor, Python wrapper
+    decoder = FastDecoder(model, max_seq_len=40, compile="default")  # inductor, Python wrapper
     ids, mask = random_prompts([5, 3], seed=8)
     steps = 2 + len(STEP_CALLS) * PAD_TRIALS
     decoder.prefill(ids, mask)
@@ -228,7 +312,7 @@ def test_cpp_wrapper_step_decodes_what_the_eager_step_decodes():
     assert torch.equal(FastDecoder(model, compile="cpp-wrapper").generate(ids, mask, max_new_tokens=4), want)
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
+@pytest.mark.parametrize("compiled", [False, True, "blocks"], ids=["eager", "inductor", "blocks"])
 def test_a_cpu_step_reads_only_the_slots_so_far_and_compiles_once_for_every_length(compiled):
     """On a CPU the step's attention reads the first ``slot + 1`` positions of the static cache, a length marked
     dynamic: slots past the current token, poisoned with NaN, leave the logits finite, and one compiled graph serves
@@ -237,8 +321,11 @@ def test_a_cpu_step_reads_only_the_slots_so_far_and_compiles_once_for_every_leng
     model = build("llama", dict(backbone="cats", layers_to_transform=[1, 3]))  # dense and CATS layers
     ids, mask = random_prompts([5, 7])
     want = eager_decoder(model).generate(ids, mask, max_new_tokens=6)
+    if compiled == "blocks" and not cpu_ops_available():
+        pytest.skip("the C++ CPU ops could not be built here")
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
-    compile = (lambda f: torch.compile(f, backend=counter, fullgraph=True)) if compiled else "none"
+    compile = (lambda f: torch.compile(f, backend=counter, fullgraph=True)) if compiled is True else "none"
+    compile = "blocks" if compiled == "blocks" else compile
     decoder = FastDecoder(model, compile=compile, max_seq_len=64)
     assert torch.equal(decoder.generate(ids, mask, max_new_tokens=6), want)
     width = ids.shape[1]
@@ -249,7 +336,7 @@ def test_a_cpu_step_reads_only_the_slots_so_far_and_compiles_once_for_every_leng
     logits = decoder.decode_one_token(want[:, width])
     assert torch.isfinite(logits).all()
     assert torch.equal(logits.argmax(-1), want[:, width + 1])
-    assert counter.frame_count == (1 if compiled else 0)  # 5 lengths, then a new prompt: no recompilation
+    assert counter.frame_count == (1 if compiled is True else 0)  # 5 lengths, then a new prompt: no recompilation
 
 
 def test_inductor_step_writes_a_long_cache_in_place():
@@ -372,6 +459,8 @@ def test_int4_stand_in_decodes_through_the_cpu_op(backbone):
     fast = {mode: eager_decoder(model, mode=mode).generate(ids, mask, max_new_tokens=NEW_TOKENS) for mode in
             ("caprese", "backbone")}  # fmt: skip
     assert torch.equal(fast["caprese"], reference_generate(model, "caprese", ids, mask))
+    blocks = FastDecoder(model, mode="caprese", compile="blocks").generate(ids, mask, max_new_tokens=NEW_TOKENS)
+    assert torch.equal(blocks, fast["caprese"])  # the stand-in's arguments reach the FF block op too
     plain = wrap(tiny_model("llama", hidden_size=64), backbone=backbone, density=0.4, r=4)  # no stand-in
     plain.load_state_dict(model.state_dict())
     assert torch.equal(fast["backbone"], reference_generate(plain, "backbone", ids, mask))  # the backbone alone

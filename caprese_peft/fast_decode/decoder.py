@@ -31,8 +31,9 @@ from .lean import DenseFF, LeanDecoder, architecture_problem
 MODES = ("dense", "backbone", "caprese")
 # eager; inductor (faster on a CPU: docs and benchmarks/cpu_generation.py); inductor with CUDA graphs (gpt-fast's);
 # inductor with its C++ wrapper (no Python between the step's kernels: up to 8% faster per token on a CPU, but a first
-# compile of about 1.5 minutes on 2 cores instead of seconds; benchmarks/cpu_decode.py --forms ops-cpp-wrapper)
-COMPILE_MODES = ("none", "default", "reduce-overhead", "cpp-wrapper")
+# compile of about 1.5 minutes on 2 cores instead of seconds; benchmarks/cpu_decode.py --forms ops-cpp-wrapper);
+# blocks: no compilation, the step as a chain of C++ calls, two per layer (a CPU with the C++ ops only)
+COMPILE_MODES = ("none", "default", "reduce-overhead", "cpp-wrapper", "blocks")
 
 
 def _greedy_step(
@@ -45,6 +46,14 @@ def _greedy_step(
     """Logits ``(B, V)`` fp32 and the greedy next tokens ``(B,)`` of one decode step (``keys``: see
     ``LeanDecoder.forward``)."""
     logits = lean(tokens, slot, positions, keys)
+    return logits, logits.argmax(dim=-1)
+
+
+def _block_step(
+    lean: LeanDecoder, tokens: torch.Tensor, slot: int, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_greedy_step`` through ``LeanDecoder.block_step`` (``compile="blocks"``): ``slot`` a Python int."""
+    logits = lean.block_step(tokens, slot, positions)
     return logits, logits.argmax(dim=-1)
 
 
@@ -143,10 +152,14 @@ class FastDecoder:
         device = next(self.hf_model.parameters()).device
         # on a CPU the C++ ops (built on first use, before anything is traced) run the GEMVs and FF blocks
         self.cpu_ops = device.type == "cpu" and use_kernels is not False and cpu_ops_available()
+        self._compile_chosen = compile is None  # blocks by default: inductor where block_step cannot run
         if compile is None:
-            compile = default_compile(device)
+            compile = default_compile(device, self.cpu_ops)
         if not callable(compile) and compile not in COMPILE_MODES:
             raise ValueError(f"compile must be None, a callable or one of {COMPILE_MODES}, got {compile!r}.")
+        if compile == "blocks" and not self.cpu_ops:
+            why = "they are off (use_kernels=False)" if use_kernels is False else "they need a CPU model and a build"
+            raise ValueError(f"compile='blocks' runs the step through the C++ CPU ops, and {why}.")
         self.compile = compile
         self.use_kernels = use_kernels
         # compiling one layer and stamping it out saves compile time; on a CPU torch 2.13's region tracing has failed
@@ -213,11 +226,19 @@ class FastDecoder:
             ffs = [self._feed_forward(i) for i in range(len(self.layers))]
             self.lean = LeanDecoder(self.hf_model, ffs, cpu_gemv=self.cpu_ops).eval()
             self.lean.compile_layers_once = self.compile_layers_once
+            if self.compile == "blocks":
+                problem = self.lean.block_problem()
+                if problem is not None and not self._compile_chosen:
+                    raise ValueError(f"compile='blocks' cannot run this model's step: {problem}.")
+                if problem is not None:
+                    self.compile = default_compile(self.device)
         if (self.lean.batch_size, self.lean.max_seq_len) != (batch, max_seq_len):
             self.lean.allocate(batch, max_seq_len)
             self._step = None  # new buffers: compile or capture again
         if self._step is None:
-            if callable(self.compile):
+            if self.compile == "blocks":
+                self._step = _block_step
+            elif callable(self.compile):
                 self._step = self.compile(_own_step())
             elif self.compile == "none":
                 self._step = _greedy_step
@@ -314,6 +335,12 @@ class FastDecoder:
             self.lean.finish_load()
         if self.compile == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
+        if self.compile == "blocks":
+            logits, next_tokens = self._step(self.lean, tokens, slot, self._positions)
+            self._slot_host += 1
+            self._slot = self._slot + 1
+            self._positions = self._positions + 1
+            return logits, next_tokens
         keys = self._keys(slot)
         if self._pad_times is None:
             logits, next_tokens = self._call_step(self._step, self.lean, tokens, self._slot, self._positions, keys)
@@ -401,11 +428,14 @@ def cpu_ops_available() -> bool:
     return cpu_ff.available()
 
 
-def default_compile(device: torch.device) -> str:
-    """``"reduce-overhead"`` on CUDA; on a CPU ``"default"`` (inductor, the fastest measured:
-    benchmarks/cpu_decode.py) where a C++ compiler is found, else ``"none"`` (eager) with one warning."""
+def default_compile(device: torch.device, cpu_ops: bool = False) -> str:
+    """``"reduce-overhead"`` on CUDA; on a CPU ``"blocks"`` with the C++ ops (the fastest measured:
+    benchmarks/cpu_decode.py), else ``"default"`` (inductor) where a C++ compiler is found, else ``"none"`` (eager)
+    with one warning."""
     if device.type == "cuda":
         return "reduce-overhead"
+    if cpu_ops:
+        return "blocks"
     if any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++")):
         return "default"
     warn_once(

@@ -162,10 +162,18 @@ class DenseFF(nn.Module):
         self.register_buffer("down", _static(mlp.down_proj.weight.detach()), persistent=False)
         self.register_buffer("down_bias", _alias(mlp.down_proj.bias), persistent=False)
 
+    @property
+    def runs_cpu_op(self) -> bool:
+        """Whether the block runs ``caprese_cpu::gated_ff`` (with ``op_args``)."""
+        return self.activation is not None
+
+    def op_args(self) -> tuple:
+        """``caprese_cpu::gated_ff``'s arguments after ``x`` for this block (where ``runs_cpu_op``)."""
+        return (*_ff_weights(self), None, None, self.activation)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation is not None:
-            weights = _ff_weights(self)
-            return torch.ops.caprese_cpu.gated_ff(x[:, 0], *weights, None, None, self.activation)[:, None]
+            return torch.ops.caprese_cpu.gated_ff(x[:, 0], *self.op_args())[:, None]
         gate, up = F.linear(x, self.gate_up, self.gate_up_bias).split(self.ff_size, dim=-1)  # (B, 1, F) each
         return F.linear(self.act(gate) * up, self.down, self.down_bias)
 
@@ -258,15 +266,24 @@ class GriffinFF(nn.Module):
             mask[:, : union.numel()] = keep[:, union]
             _store(self, "keep", mask)
 
+    @property
+    def runs_cpu_op(self) -> bool:
+        """Whether the block runs ``caprese_cpu::gated_ff`` (with ``op_args``)."""
+        return self.activation is not None
+
+    def op_args(self) -> tuple:
+        """``caprese_cpu::gated_ff``'s arguments after ``x`` for this prompt batch (after ``pack``; where
+        ``runs_cpu_op``)."""
+        weights = _ff_weights(self)
+        if self.packs:
+            pair = self.packed_up_down
+            weights[0], weights[1], weights[3] = self.packed_gate, pair[:, 0], pair[:, 1]
+        stand_in = [getattr(self, name) for name in self.STAND_IN] if self.stand_in else [None] * 4
+        return (*weights, None, self.keep, self.activation, *stand_in)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation is not None:
-            weights = _ff_weights(self)
-            if self.packs:
-                pair = self.packed_up_down
-                weights[0], weights[1], weights[3] = self.packed_gate, pair[:, 0], pair[:, 1]
-            stand_in = [getattr(self, name) for name in self.STAND_IN] if self.stand_in else [None] * 4
-            out = torch.ops.caprese_cpu.gated_ff(x[:, 0], *weights, None, self.keep, self.activation, *stand_in)
-            return out[:, None]
+            return torch.ops.caprese_cpu.gated_ff(x[:, 0], *self.op_args())[:, None]
         return griffin_fused_ff(x, self.gate_up, self.down, self.kept, self.act)
 
     def weight_bytes(self, batch: int) -> int:
@@ -328,6 +345,16 @@ class CatsFF(nn.Module):
         """Take this prompt batch's thresholds from the layer's statistics."""
         with torch.no_grad():
             _store(self, "threshold", self.decoder.layer._stats.threshold.reshape(-1), torch.float32)
+
+    @property
+    def runs_cpu_op(self) -> bool:
+        """Whether ``op_args`` can stand for this block: an activation the op knows, kernels not turned off, a CPU."""
+        return self.activation is not None and self.use_kernels is not False and self.gate.device.type == "cpu"
+
+    def op_args(self) -> tuple:
+        """``caprese_cpu::gated_ff``'s arguments after ``x`` for this prompt batch (after ``load``)."""
+        stand_in = [getattr(self, name) for name in self.STAND_IN] + [None] if self.stand_in else [None] * 4
+        return (*_ff_weights(self), self.threshold, None, self.activation, *stand_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation is None:
@@ -427,6 +454,10 @@ class Attention(nn.Module):
             out = torch.matmul(probs, values)
         return gemv(out.reshape(batch, 1, self.heads * self.head_dim), self.o, self.o_bias, self.cpu_gemv)
 
+    def block_args(self) -> tuple:
+        """``caprese_cpu::attention_block``'s arguments from ``qkv`` to ``k_norm``, then ``qk_eps``."""
+        return self.qkv, self.qkv_bias, self.q_norm, self.k_norm, self.qk_eps
+
     def weight_bytes(self) -> int:
         return self.qkv.nbytes + self.o.nbytes
 
@@ -473,6 +504,8 @@ class LeanDecoder(nn.Module):
         for name in ("cos", "sin", "prompt_visible", "prompt_width", "key_slots"):
             self.register_buffer(name, None, persistent=False)
         self.batch_size = self.max_seq_len = 0
+        self.prompt_length = 0  # prompt_width on the host
+        self._blocks: list[tuple[tuple, tuple]] | None = None  # block_step's arguments per layer, for this prompt
         self.load_pending = False  # load_prompt(..., defer=True) ran and finish_load has not
         # the C++ GEMV of caprese_peft.kernels.cpu_ff for q/k/v, o and the lm_head (on a CPU)
         self.cpu_gemv = cpu_gemv
@@ -498,6 +531,7 @@ class LeanDecoder(nn.Module):
         for layer in self.layers:
             layer.attn.allocate(batch, max_seq_len)
         self.batch_size, self.max_seq_len = batch, max_seq_len
+        self._blocks = None
 
     def load_prompt(self, cache: Any, attention_mask: torch.Tensor, *, defer: bool = False) -> None:
         """Copy the prefill's KV cache into the static buffers and load the FF blocks for this prompt batch.
@@ -522,6 +556,8 @@ class LeanDecoder(nn.Module):
             self.prompt_visible.zero_()
             self.prompt_visible[:, :width].copy_(attention_mask.bool())
             self.prompt_width.fill_(width)
+        self.prompt_length = width
+        self._blocks = None
         self.load_pending = True
         if not defer:
             self.finish_load()
@@ -532,6 +568,46 @@ class LeanDecoder(nn.Module):
             if hasattr(layer.ff, "pack"):
                 layer.ff.pack()
         self.load_pending = False
+        self._blocks = None  # packing may have replaced buffers
+
+    def block_problem(self) -> str | None:
+        """Why ``block_step`` cannot run this decoder, or None when it can."""
+        if not self.cpu_gemv:
+            return "the C++ CPU ops are off"
+        if self.embed.device.type != "cpu" or self.embed.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return (
+                f"the model is {self.embed.dtype} on {self.embed.device.type} (the ops take fp32, bf16, fp16 on a CPU)"
+            )
+        for index, layer in enumerate(self.layers):
+            if not getattr(layer.ff, "runs_cpu_op", False):
+                return f"layer {index}'s FF block ({type(layer.ff).__name__}) does not run the C++ op"
+        return None
+
+    def block_step(self, tokens: torch.Tensor, slot: int, positions: torch.Tensor) -> torch.Tensor:
+        """``forward``'s logits ``(B, V)`` fp32 as a chain of C++ calls (on a CPU, where ``block_problem`` is None):
+        per layer ``caprese_cpu::attention_block`` then ``caprese_cpu::ff_block``, then ``norm_linear`` for the
+        head. No compilation: ``slot`` is a Python int, and attention reads the cache's slots up to it.
+
+        Why: compiled by inductor, the step's small kernels between the GEMV and FF ops, and their dispatch, cost
+        about 4 ms of SmolLM2's 25 ms per token on 2 cores (kernels/CPU.md), the same for every FF variant.
+        """
+        if self._blocks is None:
+            self._blocks = [self._block_args(layer) for layer in self.layers]
+        ops = torch.ops.caprese_cpu
+        attention, feed_forward = ops.attention_block.default, ops.ff_block.default
+        h = F.embedding(tokens, self.embed)  # (B, D)
+        for attention_args, ff_args in self._blocks:
+            h = attention(h, positions, slot, *attention_args)
+            h = feed_forward(h, *ff_args)
+        return ops.norm_linear.default(h, self.norm, self.eps, self.lm_head)
+
+    def _block_args(self, layer: DecoderLayer) -> tuple[tuple, tuple]:
+        attn = layer.attn
+        attention = (
+            (layer.attn_norm, layer.eps, *attn.block_args(), self.cos, self.sin, attn.k_cache, attn.v_cache)
+            + (self.prompt_visible, self.prompt_length, attn.o, attn.o_bias, attn.heads, float(attn.scaling))
+        )  # fmt: skip
+        return attention, (layer.ff_norm, layer.eps, *layer.ff.op_args())
 
     def forward(
         self, tokens: torch.Tensor, slot: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor | None = None
