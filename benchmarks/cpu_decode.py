@@ -14,7 +14,9 @@ the values of L and R) and each batch size, FastDecoders are built in every form
 All are prefilled with the same GSM8K dev prompts; decode steps are timed in blocks of
 ``--block`` tokens, the blocks of every mode and form interleaved over ``--rounds`` rounds (so that a slower spell of
 the machine hits every variant alike), each block waiting for an otherwise idle machine (TTNT: the median ms per
-token). Reported with the weight bytes a step reads, GB/s, the bytes floor at the
+token); with ``--interleave step`` a round waits once, then every variant decodes one token in turn, ``--block``
+times, so that the variants of a round are timed within a step of each other (on a shared machine whose speed drifts
+within seconds, the tighter pairing). Reported with the weight bytes a step reads, GB/s, the bytes floor at the
 machine's read bandwidth (the best of sums over 512 MiB measured in the run) and whether the greedy tokens equal
 the torch eager step's. Each mode's best form is compared with dense's best form. TTFT: FastDecoder's default form
 of every mode prefills the same prompts in ``--ttft-rounds`` interleaved rounds (each prefill waiting for an
@@ -107,6 +109,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--block", type=int, default=6, help="tokens per timed block")
+    parser.add_argument(
+        "--interleave",
+        choices=["block", "step"],
+        default="block",
+        help="block: each variant decodes its block in turn; step: within a round every variant decodes one token "
+        "in turn, --block times (the variants of a round timed within a step of each other)",
+    )
     parser.add_argument("--ttft-rounds", type=int, default=15, help="interleaved prefills per mode for TTFT")
     parser.add_argument("--max-wait", type=float, default=5.0)
     parser.add_argument("--tokens", type=int, default=256, help="generation length of generation_speed_up")
@@ -162,6 +171,18 @@ def main() -> None:
                 tokens[variant] = fast.decode_greedy(tokens[variant])  # warm-up, and the compile
                 generated[variant].append(tokens[variant])
             for _ in range(args.rounds):
+                if args.interleave == "step":
+                    loads.append(wait_quiet(args.max_wait))
+                    spent = dict.fromkeys(decoders, 0.0)
+                    for _ in range(args.block):
+                        for variant, fast in decoders.items():
+                            start = time.perf_counter()
+                            tokens[variant] = fast.decode_greedy(tokens[variant]).clone()
+                            spent[variant] += time.perf_counter() - start
+                            generated[variant].append(tokens[variant])
+                    for variant in decoders:
+                        times[variant].append(spent[variant] / args.block)
+                    continue
                 for variant, fast in decoders.items():
                     loads.append(wait_quiet(args.max_wait))
                     start = time.perf_counter()

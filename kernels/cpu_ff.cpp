@@ -812,6 +812,30 @@ inline void axpy_row(float* out, float c, const T* v, int64_t n) {
   for (; d < n; ++d) out[d] += c * static_cast<float>(v[d]);
 }
 
+// out (hd) = sum_j p[j] v[j] over n rows v (row stride hd), rows with p[j] = 0 skipped; kAcc vectors of the output
+// at a time kept in registers across the rows
+template <typename T>
+void weighted_rows(float* out, const float* p, const T* v, int64_t n, int64_t hd) {
+  constexpr int kAcc = 4;
+  int64_t c = 0;
+  for (; c + kAcc * kWidth <= hd; c += kAcc * kWidth) {
+    Vec acc[kAcc];
+    for (int u = 0; u < kAcc; ++u) acc[u] = vzero();
+    for (int64_t j = 0; j < n; ++j) {
+      if (p[j] == 0.0f) continue;
+      const Vec w = vset1(p[j]);
+      const T* row = v + j * hd + c;
+      for (int u = 0; u < kAcc; ++u) acc[u] = vfma(w, vload(row + u * kWidth), acc[u]);
+    }
+    for (int u = 0; u < kAcc; ++u) vstore(out + c + u * kWidth, acc[u]);
+  }
+  if (c < hd) {
+    std::fill(out + c, out + hd, 0.0f);
+    for (int64_t j = 0; j < n; ++j)
+      if (p[j] != 0.0f) axpy_row(out + c, p[j], v + j * hd + c, hd - c);
+  }
+}
+
 template <typename T>
 inline void store_row(T* dst, const float* src, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<T>(src[k]);
@@ -927,15 +951,27 @@ at::Tensor attention_block_cpu(const at::Tensor& h, const at::Tensor& positions,
           score[j] = seen ? rt<T>(rt<T>(dot_row(q, keys + j * hd, hd)) * scale) : -std::numeric_limits<float>::infinity();
           top = std::max(top, score[j]);
         }
-        float total = 0.0f;
-        for (int64_t j = 0; j < n; ++j) {
-          score[j] = std::exp(score[j] - top);  // exp(-inf) = 0 for the masked keys
+        // softmax: a vectorised exp, then each key's weight (0 for a masked key, whose exp only underflows)
+        const Vec shift = vset1(-top);
+        Vec sums = vzero();
+        int64_t j = 0;
+        for (; j + kWidth <= n; j += kWidth) {
+          const Vec e = vexp(vadd(vload(score.data() + j), shift));
+          vstore(score.data() + j, e);
+          sums = vadd(sums, e);
+        }
+        float total = vsum(sums);
+        for (; j < n; ++j) {
+          score[j] = exp_scalar(score[j] - top);
           total += score[j];
         }
+        const float inv = 1.0f / total;
+        for (j = 0; j < n; ++j) {
+          const bool seen = j >= prompt_width || visible[b * seq + j];
+          score[j] = seen ? rt<T>(score[j] * inv) : 0.0f;
+        }
         float* a = attn.data() + b * q_size + i * hd;
-        std::fill(a, a + hd, 0.0f);
-        for (int64_t j = 0; j < n; ++j)
-          if (score[j] != 0.0f) axpy_row(a, rt<T>(score[j] / total), values + j * hd, hd);
+        weighted_rows(a, score.data(), values, n, hd);
         for (int64_t k = 0; k < hd; ++k) a[k] = rt<T>(a[k]);
       }
     });

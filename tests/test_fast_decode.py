@@ -220,6 +220,26 @@ def test_blocks_fall_back_to_inductor_by_default_and_refuse_when_asked_for():
 
 
 @needs_ops
+def test_the_block_ops_declare_what_they_write_and_trace_under_torch_compile():
+    """``torch.library.opcheck``: the schema (``attention_block`` writes the two caches and nothing else), the fake
+    implementations, and tracing by AOT autograd; then the whole block step compiles as one graph."""
+    model = build("qwen2", dict(backbone="cats", layers_to_transform=[1]))  # q/k/v biases; a dense and a CATS block
+    decoder = FastDecoder(model, compile="blocks")
+    ids, mask = random_prompts([4, 6])
+    decoder.prefill(ids, mask, max_new_tokens=4)
+    lean, tokens = decoder.lean, torch.tensor([3, 4])
+    want = lean.block_step(tokens, decoder._slot_host, decoder._positions)
+    ops = torch.ops.caprese_cpu
+    h = torch.randn(2, 48)
+    for (attention_args, ff_args), positions in zip(lean._blocks[:2], (decoder._positions, decoder._positions - 1)):
+        torch.library.opcheck(ops.attention_block.default, (h, positions, decoder._slot_host, *attention_args))
+        torch.library.opcheck(ops.ff_block.default, (h, *ff_args))
+    torch.library.opcheck(ops.norm_linear.default, (h, lean.norm, lean.eps, lean.lm_head))
+    compiled = torch.compile(lean.block_step, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(tokens, decoder._slot_host, decoder._positions), want)
+
+
+@needs_ops
 def test_the_attention_block_op_checks_its_inputs():
     decoder = FastDecoder(tiny_model("llama"), mode="dense", compile="blocks")
     ids, mask = random_prompts([4, 6])

@@ -5,7 +5,7 @@ which yields the KV cache and, through the generation-state hook, each Caprese l
 the cache is copied into static buffers; the sparse FF weights of this prompt batch are materialised before the
 first decode step (after the prefill's token, so that time to first token does not include them); then
 ``decode_one_token`` runs the lean step of ``lean.py``, compiled with ``torch.compile(mode="reduce-overhead")``
-(CUDA graphs) on CUDA and eagerly on a CPU. It computes what ``model.generate(..., do_sample=False)`` computes, in
+(CUDA graphs) on CUDA and, on a CPU, as a chain of C++ calls, two per layer (``LeanDecoder.block_step``). It computes what ``model.generate(..., do_sample=False)`` computes, in
 another order: the dense model gives the same tokens; a sparse backbone thresholds activations, so a rounding
 difference next to a CATS threshold can change a token, as a change of batch size can in ``generate`` itself
 (benchmarks/cats_rounding.py measures both).
@@ -98,11 +98,13 @@ class FastDecoder:
     ``mode``: ``"dense"`` (adapter disabled), ``"backbone"`` (the sparse backbone without ``x @ L @ R``) or
     ``"caprese"`` (sparse backbone plus correction); None picks ``"caprese"`` when a Caprese adapter is
     active, else ``"dense"``.
-    ``compile``: None picks ``"reduce-overhead"`` on CUDA and ``"default"`` on a CPU (``"none"``, eager, without
-    a C++ compiler); ``"default"`` and
+    ``compile``: None picks ``"reduce-overhead"`` on CUDA and, on a CPU, ``"blocks"`` where the C++ ops are built
+    and can run every block, else ``"default"`` (``"none"``, eager, without a C++ compiler). ``"blocks"`` (CPU only)
+    compiles nothing: each decoder layer is two C++ calls (``LeanDecoder.block_step``), which measured as fast as
+    the best compiled form for dense and faster for CATS and GRIFFIN (benchmarks/cpu_decode.py). ``"default"`` and
     ``"reduce-overhead"`` are passed to ``torch.compile(..., fullgraph=True)`` (on a CPU ``"default"`` without
     inductor's size asserts, which repeat the guards' checks); ``"cpp-wrapper"`` compiles with
-    inductor's C++ wrapper (on a CPU up to 8% faster per token, for a first compile of minutes rather than seconds);
+    inductor's C++ wrapper (on a CPU up to 8% faster per token than ``"default"``, for a first compile of minutes);
     a callable wraps the step function (e.g. ``lambda f: torch.compile(f, backend="eager", fullgraph=True)``).
     ``max_seq_len`` bounds prompt plus generated tokens (default: what each ``generate`` call needs; the static
     buffers grow when a later call needs more, at the cost of one new compilation or capture).
