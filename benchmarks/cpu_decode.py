@@ -16,7 +16,8 @@ All are prefilled with the same GSM8K dev prompts; decode steps are timed in blo
 the machine hits every variant alike), each block waiting for an otherwise idle machine (TTNT: the median ms per
 token); with ``--interleave step`` a round waits once, then every variant decodes one token in turn, ``--block``
 times, so that the variants of a round are timed within a step of each other (on a shared machine whose speed drifts
-within seconds, the tighter pairing). Reported with the weight bytes a step reads, GB/s, the bytes floor at the
+within seconds, the tighter pairing); the variant that goes first, whose first step wakes the threads, changes from
+round to round. Reported with the weight bytes a step reads, GB/s, the bytes floor at the
 machine's read bandwidth (the best of sums over 512 MiB measured in the run) and whether the greedy tokens equal
 the torch eager step's. Each mode's best form is compared with dense's best form. TTFT: FastDecoder's default form
 of every mode prefills the same prompts in ``--ttft-rounds`` interleaved rounds (each prefill waiting for an
@@ -170,12 +171,15 @@ def main() -> None:
                     ttft[variant].append(time.perf_counter() - start)
                 tokens[variant] = fast.decode_greedy(tokens[variant])  # warm-up, and the compile
                 generated[variant].append(tokens[variant])
-            for _ in range(args.rounds):
+            for index in range(args.rounds):
                 if args.interleave == "step":
                     loads.append(wait_quiet(args.max_wait))
                     spent = dict.fromkeys(decoders, 0.0)
+                    # the first step after the wait also wakes the threads: each variant goes first in turn
+                    shift = index % len(decoders)
+                    order = [*list(decoders.items())[shift:], *list(decoders.items())[:shift]]
                     for _ in range(args.block):
-                        for variant, fast in decoders.items():
+                        for variant, fast in order:
                             start = time.perf_counter()
                             tokens[variant] = fast.decode_greedy(tokens[variant]).clone()
                             spent[variant] += time.perf_counter() - start

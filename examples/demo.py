@@ -4,8 +4,8 @@ python examples/demo.py                        # the shipped adapter: Caprese(CA
 python examples/demo.py --adapter out/e2e      # an adapter of your own (a folder or a Hub id)
 python examples/demo.py --index 7 --compile none
 
-Each method answers greedily with caprese_peft.FastDecoder (dense prefill, then the lean decode step: on a CPU the
-C++ ops, compiled by inductor unless --compile none). Printed per method: the answer, how many of its first tokens
+Each method answers greedily with caprese_peft.FastDecoder (dense prefill, then the lean decode step: on a CPU a
+chain of C++ calls, two per layer, nothing to compile; --compile picks another form). Printed per method: the answer, how many of its first tokens
 agree with dense's, the parameters (and weight bytes) a generated token reads, and the measured time per token and
 speed-up over dense on this machine.
 """
@@ -83,7 +83,12 @@ def main() -> None:
     parser.add_argument("--index", type=int, default=0, help="which dev question (0-499)")
     parser.add_argument("--adapter", default=str(DEFAULT_ADAPTER), help="a Caprese adapter: folder or Hub id")
     parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--compile", choices=["default", "none"], default="default", help="FastDecoder's compile")
+    parser.add_argument(
+        "--compile",
+        choices=["auto", "blocks", "default", "cpp-wrapper", "none"],
+        default="auto",
+        help="FastDecoder's compile (auto: its own choice; default, cpp-wrapper: inductor)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
 
@@ -114,8 +119,9 @@ def main() -> None:
     }
     results = {}
     for mode in methods:
-        decoder = FastDecoder(model, mode=mode, compile=args.compile)
-        print(f"{methods[mode][0]}: warming up{' and compiling' if args.compile != 'none' else ''} ...", flush=True)
+        decoder = FastDecoder(model, mode=mode, compile=None if args.compile == "auto" else args.compile)
+        compiles = decoder.compile in ("default", "cpp-wrapper")
+        print(f"{methods[mode][0]}: warming up{' and compiling' if compiles else ''} ...", flush=True)
         answer(decoder, inputs, 4, eos)  # the first steps compile and settle
         results[mode] = answer(decoder, inputs, args.max_new_tokens, eos)
         del decoder

@@ -594,12 +594,16 @@ class LeanDecoder(nn.Module):
         if self._blocks is None:
             self._blocks = [self._block_args(layer) for layer in self.layers]
         ops = torch.ops.caprese_cpu
-        attention, feed_forward = ops.attention_block.default, ops.ff_block.default
+        attention, feed_forward, head = ops.attention_block.default, ops.ff_block.default, ops.norm_linear.default
+        if not torch.compiler.is_compiling():
+            # eagerly, the operators' C++ entry points: an OpOverload's __call__ is a Python frame around them, and on
+            # CPython 3.11 each such frame can cost a frame-stack chunk's mmap and munmap (FastDecoder's _padded_call)
+            attention, feed_forward, head = (getattr(op, "_op", op) for op in (attention, feed_forward, head))
         h = F.embedding(tokens, self.embed)  # (B, D)
         for attention_args, ff_args in self._blocks:
             h = attention(h, positions, slot, *attention_args)
             h = feed_forward(h, *ff_args)
-        return ops.norm_linear.default(h, self.norm, self.eps, self.lm_head)
+        return head(h, self.norm, self.eps, self.lm_head)
 
     def _block_args(self, layer: DecoderLayer) -> tuple[tuple, tuple]:
         attn = layer.attn
