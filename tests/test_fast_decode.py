@@ -176,14 +176,16 @@ def test_the_chain_of_block_ops_decodes_what_generate_decodes(arch, case):
 
 
 @needs_ops
+@pytest.mark.parametrize("lengths", [[7, 3, 9], [150, 20, 201]], ids=["short", "long"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", ["plain-dense", "cats-caprese", "griffin-caprese"])
-def test_a_block_step_computes_the_torch_step_s_logits_and_cache(case, dtype):
+def test_a_block_step_computes_the_torch_step_s_logits_and_cache(case, dtype, lengths):
     """``LeanDecoder.block_step`` against ``forward`` (its specification) on the same cache: logits, and the keys and
-    values written at the slot; in bf16 and fp16 the C++ calls round where the torch step stores a tensor."""
+    values written at the slot; in bf16 and fp16 the C++ calls round where the torch step stores a tensor. Long
+    prompts: 200 cached slots, the first 180 of one row padding."""
     options, mode = CASES[case]
     model = build("qwen3", options).to(dtype)  # q/k norms: every part of the attention block
-    ids, mask = random_prompts([7, 3, 9])
+    ids, mask = random_prompts(lengths)
     decoder = eager_decoder(model, mode=mode)
     decoder.prefill(ids, mask, max_new_tokens=4)
     lean, slot = decoder.lean, decoder._slot_host
@@ -217,6 +219,11 @@ def test_blocks_fall_back_to_inductor_by_default_and_refuse_when_asked_for():
         FastDecoder(model, mode="dense", compile="blocks").prefill(ids, mask)
     with pytest.raises(ValueError, match="compile='blocks' runs the step through the C\\+\\+ CPU ops"):
         FastDecoder(tiny_model("llama"), mode="dense", compile="blocks", use_kernels=False)
+    decoder = FastDecoder(tiny_model("llama").to(torch.bfloat16), mode="dense")
+    decoder.prefill(ids, mask)
+    assert decoder.compile == "blocks" and decoder.lean.block_problem() is None
+    decoder.lean.norm = decoder.lean.norm.float()  # weights of two dtypes: the ops take one
+    assert decoder.lean.block_problem() == "the model's weights are not all torch.bfloat16"
 
 
 @needs_ops

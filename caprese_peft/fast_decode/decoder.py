@@ -5,10 +5,10 @@ which yields the KV cache and, through the generation-state hook, each Caprese l
 the cache is copied into static buffers; the sparse FF weights of this prompt batch are materialised before the
 first decode step (after the prefill's token, so that time to first token does not include them); then
 ``decode_one_token`` runs the lean step of ``lean.py``, compiled with ``torch.compile(mode="reduce-overhead")``
-(CUDA graphs) on CUDA and, on a CPU, as a chain of C++ calls, two per layer (``LeanDecoder.block_step``). It computes what ``model.generate(..., do_sample=False)`` computes, in
-another order: the dense model gives the same tokens; a sparse backbone thresholds activations, so a rounding
-difference next to a CATS threshold can change a token, as a change of batch size can in ``generate`` itself
-(benchmarks/cats_rounding.py measures both).
+(CUDA graphs) on CUDA and, on a CPU, as a chain of C++ calls, two per layer (``LeanDecoder.block_step``). It
+computes what ``model.generate(..., do_sample=False)`` computes, in another order: the dense model gives the same
+tokens; a sparse backbone thresholds activations, so a rounding difference next to a CATS threshold can change a
+token, as a change of batch size can in ``generate`` itself (benchmarks/cats_rounding.py measures both).
 """
 
 from __future__ import annotations

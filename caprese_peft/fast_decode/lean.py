@@ -578,6 +578,10 @@ class LeanDecoder(nn.Module):
             return (
                 f"the model is {self.embed.dtype} on {self.embed.device.type} (the ops take fp32, bf16, fp16 on a CPU)"
             )
+        held = [self.norm, self.lm_head]
+        held += [t for layer in self.layers for t in (layer.attn_norm, layer.ff_norm, layer.attn.qkv, layer.attn.o)]
+        if any(t.dtype != self.embed.dtype for t in held):
+            return f"the model's weights are not all {self.embed.dtype}"
         for index, layer in enumerate(self.layers):
             if not getattr(layer.ff, "runs_cpu_op", False):
                 return f"layer {index}'s FF block ({type(layer.ff).__name__}) does not run the C++ op"
@@ -596,8 +600,8 @@ class LeanDecoder(nn.Module):
         ops = torch.ops.caprese_cpu
         attention, feed_forward, head = ops.attention_block.default, ops.ff_block.default, ops.norm_linear.default
         if not torch.compiler.is_compiling():
-            # eagerly, the operators' C++ entry points: an OpOverload's __call__ is a Python frame around them, and on
-            # CPython 3.11 each such frame can cost a frame-stack chunk's mmap and munmap (FastDecoder's _padded_call)
+            # eagerly, the operators' C++ entry points: an OpOverload's __call__ is one more Python frame per call (on
+            # CPython 3.11 such frames can cost a frame-stack chunk each: FastDecoder's _padded_call)
             attention, feed_forward, head = (getattr(op, "_op", op) for op in (attention, feed_forward, head))
         h = F.embedding(tokens, self.embed)  # (B, D)
         for attention_args, ff_args in self._blocks:
