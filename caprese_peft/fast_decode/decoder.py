@@ -337,17 +337,13 @@ class FastDecoder:
             self.lean.finish_load()
         if self.compile == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
-        if self.compile == "blocks":
+        if self.compile == "blocks":  # the slot as a Python int: nothing compiled, no dynamic shape
             logits, next_tokens = self._step(self.lean, tokens, slot, self._positions)
-            self._slot_host += 1
-            self._slot = self._slot + 1
-            self._positions = self._positions + 1
-            return logits, next_tokens
-        keys = self._keys(slot)
-        if self._pad_times is None:
+        elif self._pad_times is None:
+            keys = self._keys(slot)
             logits, next_tokens = self._call_step(self._step, self.lean, tokens, self._slot, self._positions, keys)
         else:
-            logits, next_tokens = self._choosing_padding(tokens, keys)
+            logits, next_tokens = self._choosing_padding(tokens, self._keys(slot))
         self._slot = self._slot + 1
         self._slot_host += 1
         self._positions = self._positions + 1
