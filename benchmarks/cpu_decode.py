@@ -176,8 +176,8 @@ def main() -> None:
                     loads.append(wait_quiet(args.max_wait))
                     spent = dict.fromkeys(decoders, 0.0)
                     # the first step after the wait also wakes the threads: each variant goes first in turn
-                    shift = index % len(decoders)
-                    order = [*list(decoders.items())[shift:], *list(decoders.items())[:shift]]
+                    shift, items = index % len(decoders), list(decoders.items())
+                    order = items[shift:] + items[:shift]
                     for _ in range(args.block):
                         for variant, fast in order:
                             start = time.perf_counter()

@@ -485,11 +485,21 @@ struct FFArgs {
   int64_t keep_stride;  // the keep mask's row length: the block's F
 };
 
-// values rounded to T and back (bf16, fp16): what a torch op producing a T tensor stores
+// one value rounded to T and back (bf16, fp16): what a torch op producing a T tensor stores
+template <typename T>
+inline float rt(float v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    return static_cast<float>(static_cast<T>(v));
+  }
+}
+
+// the same for n values in place
 template <typename T>
 inline void round_to(float* v, int64_t n) {
   if constexpr (!std::is_same_v<T, float>) {
-    for (int64_t k = 0; k < n; ++k) v[k] = static_cast<float>(static_cast<T>(v[k]));
+    for (int64_t k = 0; k < n; ++k) v[k] = rt<T>(v[k]);
   }
 }
 
@@ -756,33 +766,15 @@ at::Tensor gated_ff_cpu(const at::Tensor& x, const at::Tensor& gate, const at::T
 // stores a T tensor. A step compiled by inductor spends about 4 ms of SmolLM2's 25 outside the ops, in the small
 // kernels and dispatch between them; these calls leave Python a loop over layers. ----
 
-// one value rounded to T and back
-template <typename T>
-inline float rt(float v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else {
-    return static_cast<float>(static_cast<T>(v));
-  }
-}
-
 // out (n) = the RMSNorm of h (n) with weight w, as lean.rms_norm computes it in T: statistics in fp32, the
-// normalised values rounded to T, then scaled by the weight in T
-template <typename T>
-void rms_norm_row(const T* h, const T* w, int64_t n, double eps, float* out) {
+// normalised values rounded to T, then scaled by the weight in T. h: T values, or fp32 ones already rounded to T (a
+// head's query or key: lean's q_norm and k_norm); out may be h
+template <typename T, typename In>
+void rms_norm_row(const In* h, const T* w, int64_t n, double eps, float* out) {
   float sum = 0.0f;
   for (int64_t k = 0; k < n; ++k) sum += static_cast<float>(h[k]) * static_cast<float>(h[k]);
   const float r = 1.0f / std::sqrt(sum / static_cast<float>(n) + static_cast<float>(eps));
   for (int64_t k = 0; k < n; ++k) out[k] = rt<T>(static_cast<float>(w[k]) * rt<T>(static_cast<float>(h[k]) * r));
-}
-
-// the same on fp32 values already rounded to T (a head's query or key, lean's q_norm and k_norm)
-template <typename T>
-void rms_norm_inplace(float* v, const T* w, int64_t n, double eps) {
-  float sum = 0.0f;
-  for (int64_t k = 0; k < n; ++k) sum += v[k] * v[k];
-  const float r = 1.0f / std::sqrt(sum / static_cast<float>(n) + static_cast<float>(eps));
-  for (int64_t k = 0; k < n; ++k) v[k] = rt<T>(static_cast<float>(w[k]) * rt<T>(v[k] * r));
 }
 
 // rotary embedding of v (hd) in place, the rotate-half convention of lean.apply_rope: v * cos + rotated * sin
@@ -924,7 +916,7 @@ at::Tensor attention_block_cpu(const at::Tensor& h, const at::Tensor& positions,
       const T* s = sin.data_ptr<T>() + pos[b] * hd;
       for (int64_t i = 0; i < heads + kv_heads; ++i) {  // the query heads, then the key heads
         float* v = p + i * hd;
-        if (q_norm.has_value()) rms_norm_inplace(v, (i < heads ? q_norm : k_norm)->data_ptr<T>(), hd, qk_eps);
+        if (q_norm.has_value()) rms_norm_row(v, (i < heads ? q_norm : k_norm)->data_ptr<T>(), hd, qk_eps, v);
         rope_inplace(v, c, s, hd, tmp.data());
       }
       for (int64_t g = 0; g < kv_heads; ++g) {
@@ -972,7 +964,7 @@ at::Tensor attention_block_cpu(const at::Tensor& h, const at::Tensor& positions,
         }
         float* a = attn.data() + b * q_size + i * hd;
         weighted_rows(a, score.data(), values, n, hd);
-        for (int64_t k = 0; k < hd; ++k) a[k] = rt<T>(a[k]);
+        round_to<T>(a, hd);
       }
     });
     linear_impl(attn.data(), batch, o.data_ptr<T>(), hidden, q_size, xn.data());  // xn is free again: o(attn)

@@ -136,7 +136,20 @@ def _store(module: nn.Module, name: str, value: torch.Tensor, dtype: torch.dtype
     setattr(module, name, _static(stored))
 
 
-class DenseFF(nn.Module):
+class _CpuOpFF(nn.Module):
+    """An FF block of the lean step that may run ``caprese_cpu::gated_ff``: ``activation`` is the op's name for its
+    activation where it does (None where not), and ``op_args()`` its arguments after ``x``."""
+
+    activation: str | None
+
+    @property
+    def runs_cpu_op(self) -> bool:
+        """Whether the block runs ``caprese_cpu::gated_ff`` with ``op_args()`` (what ``LeanDecoder.block_step``
+        calls)."""
+        return self.activation is not None
+
+
+class DenseFF(_CpuOpFF):
     """The unmodified gated MLP: on a CPU with the C++ ops one pass over its rows (``caprese_cpu::gated_ff``; gate
     read in place, ``W1`` and ``W2^T`` copied once, each neuron's two rows side by side); elsewhere gate and up
     fused into one ``(2F, D)`` GEMV (a copy of those two weights)."""
@@ -162,11 +175,6 @@ class DenseFF(nn.Module):
         self.register_buffer("down", _static(mlp.down_proj.weight.detach()), persistent=False)
         self.register_buffer("down_bias", _alias(mlp.down_proj.bias), persistent=False)
 
-    @property
-    def runs_cpu_op(self) -> bool:
-        """Whether the block runs ``caprese_cpu::gated_ff`` (with ``op_args``)."""
-        return self.activation is not None
-
     def op_args(self) -> tuple:
         """``caprese_cpu::gated_ff``'s arguments after ``x`` for this block (where ``runs_cpu_op``)."""
         return (*_ff_weights(self), None, None, self.activation)
@@ -184,7 +192,7 @@ class DenseFF(nn.Module):
         return self.gate_up.nbytes + self.down.nbytes
 
 
-class GriffinFF(nn.Module):
+class GriffinFF(_CpuOpFF):
     """GRIFFIN (+ low rank) on this prompt batch's kept rows (appendix D).
 
     On a CPU with the C++ ops: ``caprese_cpu::gated_ff`` with each sequence's keep mask. ``pack`` gathers the gate,
@@ -266,11 +274,6 @@ class GriffinFF(nn.Module):
             mask[:, : union.numel()] = keep[:, union]
             _store(self, "keep", mask)
 
-    @property
-    def runs_cpu_op(self) -> bool:
-        """Whether the block runs ``caprese_cpu::gated_ff`` (with ``op_args``)."""
-        return self.activation is not None
-
     def op_args(self) -> tuple:
         """``caprese_cpu::gated_ff``'s arguments after ``x`` for this prompt batch (after ``pack``; where
         ``runs_cpu_op``)."""
@@ -300,7 +303,7 @@ class GriffinFF(nn.Module):
         return kept + round(pruned * stand_row)
 
 
-class CatsFF(nn.Module):
+class CatsFF(_CpuOpFF):
     """CATS (+ low rank) through ``caprese_peft.kernels.cats_ff``: the Triton op on CUDA where it applies, its
     reference elsewhere. An activation the kernel does not know runs ``cats_merged_ff`` (reading every weight).
 
@@ -348,7 +351,7 @@ class CatsFF(nn.Module):
 
     @property
     def runs_cpu_op(self) -> bool:
-        """Whether ``op_args`` can stand for this block: an activation the op knows, kernels not turned off, a CPU."""
+        """Here also kernels not turned off, and a CPU: elsewhere the block runs the Triton op or its reference."""
         return self.activation is not None and self.use_kernels is not False and self.gate.device.type == "cpu"
 
     def op_args(self) -> tuple:
